@@ -1,0 +1,68 @@
+"""The four-method protocol every DEQ model in cdeq follows.
+
+Solvers, the DEQ module, the C-DEQ student, HyperDEQ and the pipeline wrap any model through
+these methods alone, without knowing its domain:
+
+- ``inject(x) -> u``: the input injection, computed once per input;
+- ``layer(z, u) -> z``: one application of f_theta, the weight-tied layer (z* = f(z*, u), Eq. 1 of
+  the C-DEQ paper);
+- ``readout(z) -> logits``: the task head applied to a state;
+- ``init_state(u) -> z0``: the solver's starting state (zeros by default).
+
+States are a tensor or a tuple of tensors with the batch on dimension 0. For a whole-graph task the
+batch is one graph: states are ``(1, num_nodes, dim)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cdeq.state import State, map_state
+
+
+class DEQModel(nn.Module):
+    """Base class of the DEQ models: the protocol plus a default forward pass.
+
+    Subclasses implement :meth:`inject`, :meth:`layer` and :meth:`readout`, and set
+    ``feature_dim``: the dimension of every state part that holds features (1 for ``(B, C, H, W)``
+    maps, -1 for ``(B, L, d)`` tokens and ``(1, N, d)`` graph nodes). The C-DEQ student uses it to
+    append its time channel (Eq. 8).
+
+    ``self.deq`` (a :class:`cdeq.DEQ`) solves for the fixed point in :meth:`forward`; set it with
+    :meth:`set_deq` or in the constructor.
+    """
+
+    feature_dim: int = -1
+
+    def inject(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def layer(self, z: State, u: Any) -> State:
+        raise NotImplementedError
+
+    def readout(self, z: State) -> Tensor:
+        raise NotImplementedError
+
+    def init_state(self, u: Any) -> State:
+        raise NotImplementedError
+
+    def set_deq(self, deq: nn.Module) -> "DEQModel":
+        self.deq = deq
+        return self
+
+    def forward(self, x: Any, **deq_kwargs: Any):
+        """Solve z* = layer(z*, inject(x)) with ``self.deq`` and return ``(readout(z*), info)``."""
+        from cdeq.norm import reset_norm
+
+        reset_norm(self)
+        u = self.inject(x)
+        z0 = self.init_state(u)
+        z, info = self.deq(lambda z: self.layer(z, u), z0, **deq_kwargs)
+        return self.readout(z), info
+
+
+def zeros_like_state(z: State) -> State:
+    """A zero state with the structure, shapes and dtype of ``z``."""
+    return map_state(torch.zeros_like, z)
