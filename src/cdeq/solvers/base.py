@@ -1,0 +1,262 @@
+"""The ``solve`` front-end, the solver registry, and the per-sample bookkeeping every solver shares.
+
+A solver is a function on flat ``(B, N)`` tensors (see :func:`register_solver`); :func:`solve`
+validates the arguments, flattens the (tuple) state with :class:`~cdeq.state.StateLayout`, runs the
+solver under ``torch.no_grad()`` and measures the residual of the state it returns with one extra
+*check* call of ``f``, which is not counted in ``info.nfe``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from cdeq.state import State, StateLayout, as_tuple, batch_norm2
+
+FlatFn = Callable[[Tensor], Tensor]
+ReturnStates = Union[None, str, Sequence[int]]
+
+STANDARD_ARGS = ("max_iter", "tol", "stop_mode", "return_states", "trace")
+STOP_MODES = ("rel", "abs")
+# A sample whose residual grows this many times above its initial residual is marked diverged.
+DIVERGENCE_RATIO = 1e4
+
+
+@dataclass
+class SolverInfo:
+    """What a solve did, per sample where a field has shape ``(B,)``.
+
+    ``abs_residual``/``rel_residual`` are ||f(z)-z|| and ||f(z)-z||/||f(z)|| of the *returned* z,
+    from one check call of ``f`` that ``nfe`` does not count. ``converged``: the returned z meets
+    ``tol`` (in ``stop_mode``) and did not diverge. ``steps``: the NFE at which the sample met
+    ``tol`` during the solve and was frozen (``nfe`` if it never did). ``diverged``: the sample's
+    iterate or residual became non-finite, or its residual grew ``DIVERGENCE_RATIO`` times above
+    its initial one; it is frozen at its last finite iterate. ``trace``: ``(nfe, B)`` relative
+    residuals of the iterates z_0..z_{nfe-1} that ``f`` was evaluated on. ``states``: the
+    iterates asked for with ``return_states``.
+    """
+
+    nfe: int
+    abs_residual: Optional[Tensor] = None
+    rel_residual: Optional[Tensor] = None
+    converged: Optional[Tensor] = None
+    steps: Optional[Tensor] = None
+    diverged: Optional[Tensor] = None
+    trace: Optional[Tensor] = None
+    states: Optional[list] = None
+
+
+_REGISTRY: dict[str, Callable[..., tuple[Tensor, SolverInfo]]] = {}
+
+
+def _option_names(fn: Callable) -> Optional[list[str]]:
+    """The solver-specific keyword options ``fn`` accepts, or None if it takes ``**options``."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in STANDARD_ARGS]
+
+
+def register_solver(name: str, fn: Callable[..., tuple[Tensor, SolverInfo]], *, overwrite: bool = False) -> None:
+    """Make ``fn`` available as ``solve(..., solver=name)``.
+
+    ``fn(f_flat, z0_flat, *, max_iter, tol, stop_mode, return_states, trace, **options)`` works on
+    flat ``(B, N)`` tensors and returns ``(z_flat, SolverInfo)``; ``return_states`` reaches it as
+    None, ``"all"`` or a tuple of ints. Its keyword-only parameters beyond those are its options;
+    ``solve`` rejects any other option unless ``fn`` takes ``**options``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_solver: name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"register_solver: fn must be callable, got {type(fn).__name__}")
+    params = inspect.signature(fn).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    missing = [a for a in STANDARD_ARGS if a not in params and not takes_kwargs]
+    if missing:
+        raise TypeError(f"register_solver: fn {name!r} must accept the keyword arguments {missing}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"register_solver: a solver named {name!r} exists; pass overwrite=True to replace it")
+    _REGISTRY[name] = fn
+
+
+def available_solvers() -> list[str]:
+    """Names accepted by ``solve(..., solver=...)``."""
+    return sorted(_REGISTRY)
+
+
+def _check_arguments(solver: str, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
+                     trace: bool, options: dict) -> tuple[Callable, ReturnStates]:
+    if solver not in _REGISTRY:
+        raise ValueError(f"solver: unknown solver {solver!r}; valid solvers: {available_solvers()}")
+    fn = _REGISTRY[solver]
+    valid = _option_names(fn)
+    unknown = sorted(set(options) - set(valid)) if valid is not None else []
+    if unknown:
+        raise ValueError(f"solver {solver!r}: unknown option(s) {unknown}; valid options: {valid}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter: expected an int >= 1 (the number of calls of f), got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol < math.inf):
+        raise ValueError(f"tol: expected a finite number >= 0 (0 = fixed budget), got {tol!r}")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode: expected one of {STOP_MODES}, got {stop_mode!r}")
+    if not isinstance(trace, bool):
+        raise ValueError(f"trace: expected a bool, got {trace!r}")
+    if return_states is None or (isinstance(return_states, str) and return_states == "all"):
+        return fn, return_states
+    if isinstance(return_states, str) or not isinstance(return_states, Sequence):
+        raise ValueError(f"return_states: expected None, 'all' or a list of ints, got {return_states!r}")
+    bad = [i for i in return_states if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= max_iter]
+    if bad:
+        raise ValueError(f"return_states: iterate indices must be ints in [0, max_iter={max_iter}], got {bad}")
+    return fn, tuple(return_states)
+
+
+class _CountedF:
+    """``f`` on flat states: counts calls and checks the first output against ``z0``'s layout."""
+
+    def __init__(self, f: Callable[[State], State], layout: StateLayout) -> None:
+        self.f, self.layout, self.calls = f, layout, 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        out = self.f(self.layout.unflatten(z))
+        if self.calls == 0:
+            self._check(out)
+        self.calls += 1
+        return self.layout.flatten(out)
+
+    def _check(self, out: State) -> None:
+        lay = self.layout
+        parts = as_tuple(out)
+        if isinstance(out, (tuple, list)) != lay.is_tuple or len(parts) != len(lay.shapes):
+            got = f"a tuple of {len(parts)} tensors" if isinstance(out, (tuple, list)) else type(out).__name__
+            want = f"a tuple of {len(lay.shapes)} tensors" if lay.is_tuple else "a tensor"
+            raise ValueError(f"f returned {got} but z0 is {want}")
+        for i, (p, shape) in enumerate(zip(parts, lay.shapes)):
+            where = f" (part {i})" if lay.is_tuple else ""
+            if not isinstance(p, Tensor):
+                raise TypeError(f"f returned {type(p).__name__}{where} but z0 holds tensors")
+            if p.shape != shape:
+                raise ValueError(f"f returned shape {tuple(p.shape)}{where} but z0 has shape {tuple(shape)}")
+            if p.dtype != lay.dtype:
+                raise TypeError(f"f returned dtype {p.dtype}{where} but z0 has dtype {lay.dtype}")
+
+
+def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", max_iter: int = 50,
+          tol: float = 1e-4, stop_mode: str = "rel", return_states: ReturnStates = None,
+          trace: bool = False, **options) -> tuple[State, SolverInfo]:
+    """Find z with f(z) = z, starting from ``z0`` (a tensor or tuple of tensors, batch on dim 0).
+
+    ``max_iter`` is the number of calls of ``f``; the returned z after k calls is the k-th iterate.
+    Each sample is frozen once its residual (``stop_mode`` "rel" or "abs") meets ``tol``; the solve
+    ends when all have, or after ``max_iter`` calls. ``tol=0`` is a fixed budget with no
+    host-device synchronisation per step. ``return_states="all"`` (or a list of indices) keeps
+    the iterates z_0..z_nfe; indices past ``nfe`` give the final state. ``options`` go to the
+    solver (e.g. ``m``, ``tau``, ``lam`` for Anderson); unknown ones are an error.
+    The check call of ``f`` that measures ``info.abs_residual``/``rel_residual`` is not in ``nfe``.
+    """
+    fn, return_states = _check_arguments(solver, max_iter, tol, stop_mode, return_states, trace, options)
+    layout = StateLayout(z0, "z0")
+    with torch.no_grad():
+        z0_flat = layout.flatten(z0)
+        finite = torch.isfinite(z0_flat).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(f"z0 contains NaN or Inf in sample(s) {bad}")
+        f_flat = _CountedF(f, layout)
+        z, info = fn(f_flat, z0_flat, max_iter=max_iter, tol=float(tol), stop_mode=stop_mode,
+                     return_states=return_states, trace=trace, **options)
+        info.nfe = f_flat.calls
+        B = layout.batch_size
+        if info.steps is None:
+            info.steps = torch.full((B,), info.nfe, dtype=torch.long, device=z.device)
+        if info.diverged is None:
+            info.diverged = torch.zeros(B, dtype=torch.bool, device=z.device)
+        fz = f_flat(z)
+        info.abs_residual = batch_norm2(fz - z)
+        info.rel_residual = info.abs_residual / batch_norm2(fz).clamp_min(torch.finfo(torch.float32).tiny)
+        r = info.rel_residual if stop_mode == "rel" else info.abs_residual
+        info.converged = (r <= tol) & ~info.diverged
+        if info.states is not None:
+            info.states = [layout.unflatten(s) for s in info.states]
+        if bool(info.diverged.any()):
+            bad = torch.nonzero(info.diverged).flatten().tolist()
+            warnings.warn(
+                f"cdeq.solve(solver={solver!r}): sample(s) {bad} diverged (non-finite iterate, or residual "
+                f"> {DIVERGENCE_RATIO:g}x its initial value); they are frozen at their last finite iterate",
+                RuntimeWarning, stacklevel=2)
+    return layout.unflatten(z), info
+
+
+def vector_norm(x: Tensor) -> Tensor:
+    """Per-row Euclidean norm of a ``(B, N)`` tensor, accumulated in float32 for 16-bit dtypes."""
+    dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
+
+
+class Monitor:
+    """Per-sample stopping, divergence, trace and kept states of one solve (shared by all solvers).
+
+    A solver calls :meth:`observe` after the k-th call of ``f`` with the residual of z_{k-1}; it
+    gets back the ``(B, 1)`` mask of samples whose iterate may advance to z_k, then calls
+    :meth:`record` with z_k and stops when :meth:`done` says so. Without host sync when tol = 0.
+    """
+
+    def __init__(self, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str,
+                 return_states: ReturnStates, trace: bool) -> None:
+        B, dev = z0.shape[0], z0.device
+        self.tol, self.stop_abs = tol, stop_mode == "abs"
+        self.active = torch.ones(B, dtype=torch.bool, device=dev)
+        self.diverged = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.steps = torch.zeros(B, dtype=torch.long, device=dev)
+        self.trace = torch.empty(max_iter, B, device=dev) if trace else None
+        self.keep_all = return_states == "all"
+        self.keep = set() if return_states is None or self.keep_all else set(return_states)
+        self.requested = return_states
+        self.states: dict[int, Tensor] = {}
+        self.r0: Optional[Tensor] = None
+        self.needs_rel = trace or not self.stop_abs
+        self.record(0, z0)
+
+    def observe(self, k: int, abs_r: Tensor, fz_norm: Optional[Tensor]) -> Tensor:
+        """Residual ``abs_r`` (and ||f(z)|| when :attr:`needs_rel`) of z_{k-1} -> advance mask."""
+        if self.needs_rel:
+            rel = abs_r / fz_norm.clamp_min(torch.finfo(torch.float32).tiny)
+            if self.trace is not None:
+                self.trace[k - 1] = rel
+        r = abs_r if self.stop_abs else rel
+        if self.r0 is None:
+            self.r0 = abs_r
+        bad = ~torch.isfinite(abs_r) | ((abs_r > DIVERGENCE_RATIO * self.r0) & (self.r0 > 0))
+        new_div = self.active & bad
+        new_conv = self.active & ~bad & (r <= self.tol)
+        self.steps.masked_fill_(new_conv, k)
+        self.diverged |= new_div
+        advance = self.active & ~new_div
+        self.active &= ~(new_div | new_conv)
+        return advance.unsqueeze(1)
+
+    def record(self, k: int, z: Tensor) -> None:
+        """Keep z_k if it was asked for."""
+        if self.keep_all or k in self.keep:
+            self.states[k] = z.clone()
+
+    def done(self) -> bool:
+        """True once every sample is frozen; only asks the device when tol > 0."""
+        return self.tol > 0 and not bool(self.active.any())
+
+    def finish(self, z: Tensor, nfe: int) -> SolverInfo:
+        """The solver's part of :class:`SolverInfo` (residual fields are filled by :func:`solve`)."""
+        steps = torch.where(self.steps > 0, self.steps, torch.full_like(self.steps, nfe))
+        if self.keep_all:
+            states = [self.states[k] for k in range(nfe + 1)]
+        elif self.requested is None:
+            states = None
+        else:
+            states = [self.states[k] if k in self.states else z.clone() for k in self.requested]
+        trace = self.trace[:nfe] if self.trace is not None else None
+        return SolverInfo(nfe=nfe, steps=steps, diverged=self.diverged, trace=trace, states=states)
