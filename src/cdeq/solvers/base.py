@@ -34,7 +34,8 @@ class SolverInfo:
     ``abs_residual``/``rel_residual`` are ||f(z)-z|| and ||f(z)-z||/||f(z)|| of the *returned* z,
     from one check call of ``f`` that ``nfe`` does not count. ``converged``: the returned z meets
     ``tol`` (in ``stop_mode``) and did not diverge. ``steps``: the NFE at which the sample met
-    ``tol`` during the solve and was frozen (``nfe`` if it never did). ``diverged``: the sample's
+    ``tol`` during the solve (``nfe`` if it never did); it is then frozen at the iterate that met
+    tol, z_{steps-1}, so its returned residual is the one that met tol. ``diverged``: the sample's
     iterate or residual became non-finite, or its residual grew ``DIVERGENCE_RATIO`` times above
     its initial one; it is frozen at its last finite iterate. ``trace``: ``(nfe, B)`` relative
     residuals of the iterates z_0..z_{nfe-1} that ``f`` was evaluated on. ``states``: the
@@ -202,7 +203,8 @@ class Monitor:
     """Per-sample stopping, divergence, trace and kept states of one solve (shared by all solvers).
 
     A solver calls :meth:`observe` after the k-th call of ``f`` with the residual of z_{k-1}; it
-    gets back the ``(B, 1)`` mask of samples whose iterate may advance to z_k, then calls
+    gets back the ``(B, 1)`` mask of samples whose iterate may advance to z_k (the others are
+    frozen at z_{k-1}: it met tol, or diverged, now or before), then calls
     :meth:`record` with z_k and stops when :meth:`done` says so. Without host sync when tol = 0.
     """
 
@@ -236,9 +238,8 @@ class Monitor:
         new_conv = self.active & ~bad & (r <= self.tol)
         self.steps.masked_fill_(new_conv, k)
         self.diverged |= new_div
-        advance = self.active & ~new_div
         self.active &= ~(new_div | new_conv)
-        return advance.unsqueeze(1)
+        return self.active.unsqueeze(1)
 
     def record(self, k: int, z: Tensor) -> None:
         """Keep z_k if it was asked for."""
