@@ -1,0 +1,204 @@
+"""Weight and spectral normalisation for the weights of a DEQ layer (torchdeq paper Eq. 13-16).
+
+:func:`apply_norm` reparameterises every ``weight`` of a module as
+``W = V * min(t, g / N(V))`` (Eq. 15-16): ``N`` is the row-wise L2 norm (weight norm, Eq. 13) or
+the largest singular value found by power iteration (spectral norm, Eq. 14), ``g`` a learnable
+scale and ``t`` an optional clip. A DEQ calls its layer tens of times per forward, so the
+normalised weight is computed once, by :func:`reset_norm` (which ``DEQModel.forward`` calls), and
+every call of the layer reuses it. :func:`remove_norm` bakes the normalised weight back into a
+plain parameter, leaving the function unchanged.
+
+Example:
+    >>> layer = torch.nn.Linear(8, 8)
+    >>> apply_norm(layer, kind="spectral", clip=1.0)
+    Linear(in_features=8, out_features=8, bias=True)
+    >>> reset_norm(layer)          # once per forward of the DEQ
+    >>> y = layer(torch.randn(2, 8))
+    >>> remove_norm(layer)         # a plain nn.Linear again, same function
+    Linear(in_features=8, out_features=8, bias=True)
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from cdeq.config import check_choice
+
+NORM_KINDS = ("weight", "spectral")
+_ATTR = "_cdeq_norm"
+_INIT_POWER_ITERS = 30
+_EPS = 1e-12
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm().clamp_min(_EPS)
+
+
+class _Normalization:
+    """The normalisation of one module's ``weight``: its settings and how to compute it."""
+
+    def __init__(self, module: nn.Module, kind: str, clip: Optional[float], scale: bool) -> None:
+        self.kind, self.clip, self.scale = kind, clip, scale
+        weight = module._parameters.pop("weight")
+        v = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        module.register_parameter("weight_v", v)
+        if kind == "spectral":
+            u = _unit(torch.randn(v.shape[0], dtype=v.dtype, device=v.device))
+            module.register_buffer("weight_u", u)
+            with torch.no_grad():
+                for _ in range(_INIT_POWER_ITERS):
+                    self._power_step(module)
+        with torch.no_grad():
+            g = self._norm(module) if scale else torch.ones_like(self._norm(module))
+        if scale:
+            module.register_parameter("weight_g", nn.Parameter(g.clone()))
+        else:
+            module.register_buffer("weight_g", g)
+        self.hook = module.register_forward_pre_hook(_refresh_if_stale)
+        self.versions: tuple[int, ...] = ()
+        self.compute(module)
+
+    def _power_step(self, module: nn.Module) -> None:
+        """One power iteration on V (as a (rows, -1) matrix) refining the left singular vector u."""
+        mat = module.weight_v.detach().reshape(module.weight_v.shape[0], -1)
+        v = _unit(mat.t() @ module.weight_u)
+        module.weight_u.copy_(_unit(mat @ v))
+
+    def _norm(self, module: nn.Module) -> Tensor:
+        """N(V) of Eq. 15, shaped to broadcast against V: row norms, or the top singular value."""
+        v = module.weight_v
+        mat = v.reshape(v.shape[0], -1)
+        if self.kind == "weight":
+            return mat.norm(dim=1).clamp_min(_EPS).reshape(-1, *([1] * (v.dim() - 1)))
+        u = module.weight_u
+        right = _unit(mat.detach().t() @ u)
+        return (u @ (mat @ right)).clamp_min(_EPS).reshape(1)
+
+    def compute(self, module: nn.Module) -> None:
+        """Set ``module.weight = V * min(t, g / N(V))`` (Eq. 15-16), differentiable in V and g."""
+        if self.kind == "spectral" and module.training:
+            with torch.no_grad():
+                self._power_step(module)
+        factor = module.weight_g / self._norm(module)
+        if self.clip is not None:
+            factor = factor.clamp(max=self.clip)
+        module.weight = module.weight_v * factor
+        self.versions = (module.weight_v._version, module.weight_g._version)
+
+    def stale(self, module: nn.Module) -> bool:
+        """Whether the stored weight no longer matches V and g (e.g. after an optimiser step)."""
+        v, w = module.weight_v, module.weight
+        return (
+            self.versions != (v._version, module.weight_g._version)
+            or w.dtype != v.dtype
+            or w.device != v.device
+            or (torch.is_grad_enabled() and v.requires_grad and w.grad_fn is None)
+        )
+
+
+def _refresh_if_stale(module: nn.Module, _inputs: tuple) -> None:
+    """Forward pre-hook: recompute a weight that went stale because reset_norm was not called."""
+    norm = module.__dict__[_ATTR]
+    if norm.stale(module):
+        norm.compute(module)
+
+
+def _excluded(name: str, module: nn.Module, exclude: tuple) -> bool:
+    for item in exclude:
+        if isinstance(item, str) and (name == item or name.startswith(item + ".")):
+            return True
+        if isinstance(item, type) and isinstance(module, item):
+            return True
+    return False
+
+
+def apply_norm(
+    module: nn.Module,
+    kind: str = "weight",
+    clip: Optional[float] = None,
+    exclude: Iterable[Union[str, type]] = (),
+    scale: bool = True,
+) -> nn.Module:
+    """Normalise the ``weight`` of ``module`` and of each of its submodules (Eq. 13-16).
+
+    Args:
+        kind: ``"weight"`` (row-wise L2 norm, Eq. 13) or ``"spectral"`` (largest singular value
+            of the weight as a (rows, -1) matrix, by power iteration, Eq. 14).
+        clip: the threshold t of Eq. 16: the rescaling factor g / N(W) is clipped to at most t.
+        exclude: submodules to leave alone, by qualified name (``"block.0"``, which also excludes
+            what lies below it) or by type (``nn.Embedding``).
+        scale: learn the scale g, initialised to N(W) so that the function is unchanged (with no
+            clip); with ``scale=False`` g is fixed at 1 (unit rows, or spectral norm 1).
+
+    Weights of fewer than two dimensions (the affine weights of LayerNorm, BatchNorm, ...) are
+    not linear maps and are left alone. Returns ``module``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.LayerNorm(3))
+        >>> apply_norm(net, kind="weight", exclude=("1",))  # doctest: +ELLIPSIS
+        Sequential(...)
+    """
+    check_choice("kind", kind, NORM_KINDS)
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip: expected a positive threshold t (Eq. 16) or None, got {clip!r}")
+    exclude = tuple(exclude)
+    for item in exclude:
+        if not isinstance(item, (str, type)):
+            raise TypeError(f"exclude: expected module names (str) or module types, got {item!r}")
+    targets = []
+    for name, sub in module.named_modules():
+        if _excluded(name, sub, exclude):
+            continue
+        if _ATTR in sub.__dict__:
+            raise RuntimeError(
+                f"apply_norm: module {name or type(sub).__name__!r} is already normalised; "
+                "call remove_norm first"
+            )
+        weight = sub._parameters.get("weight")
+        if weight is not None and weight.dim() >= 2:
+            targets.append(sub)
+    if not targets:
+        raise ValueError(
+            f"apply_norm: {type(module).__name__} has no module with a weight of 2 or more "
+            f"dimensions left to normalise (exclude={exclude})"
+        )
+    for sub in targets:
+        sub.__dict__[_ATTR] = _Normalization(sub, kind, clip, scale)
+    return module
+
+
+def _normalised(module: nn.Module) -> Iterable[tuple[nn.Module, _Normalization]]:
+    for sub in module.modules():
+        norm = sub.__dict__.get(_ATTR)
+        if norm is not None:
+            yield sub, norm
+
+
+def reset_norm(module: nn.Module) -> None:
+    """Recompute every normalised weight in ``module`` once; call it once per forward of the DEQ.
+
+    In training mode a spectral norm also takes one power-iteration step. A module with no
+    normalisation is left alone (a cheap no-op).
+    """
+    for sub, norm in _normalised(module):
+        norm.compute(sub)
+
+
+def remove_norm(module: nn.Module) -> nn.Module:
+    """Undo :func:`apply_norm`: each normalised weight becomes a plain ``weight`` parameter
+    holding the value the next forward would use, so the function is unchanged. Returns ``module``."""
+    for sub, norm in list(_normalised(module)):
+        with torch.no_grad():
+            if norm.stale(sub):
+                norm.compute(sub)
+            weight = sub.weight.detach().clone()
+        requires_grad = sub.weight_v.requires_grad
+        norm.hook.remove()
+        del sub.__dict__[_ATTR]
+        del sub.weight, sub.weight_v, sub.weight_g
+        if norm.kind == "spectral":
+            del sub.weight_u
+        sub.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    return module
