@@ -21,6 +21,25 @@ class NonFiniteBackwardError(FloatingPointError, RuntimeError):
     """The implicit backward solve diverged or met a non-finite gradient."""
 
 
+def vjp_function(fz: State, z: State, layout: StateLayout, create_graph: bool = False) -> Callable[[Tensor], Tensor]:
+    """The map v -> v J on flat ``(B, N)`` tensors, J = d fz / d z, by reverse mode on fz's graph
+    (kept for repeated use; ``create_graph`` makes the products differentiable).
+
+    Example:
+        >>> z = torch.ones(1, 2, requires_grad=True)
+        >>> vjp_function(3 * z, z, StateLayout(z))(torch.ones(1, 2))
+        tensor([[3., 3.]])
+    """
+    outputs, inputs = as_tuple(fz), as_tuple(z)
+
+    def vjp(v: Tensor) -> Tensor:
+        grads = torch.autograd.grad(outputs, inputs, as_tuple(layout.unflatten(v)), retain_graph=True,
+                                    create_graph=create_graph, allow_unused=True)
+        return layout.flatten(tuple(torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)))
+
+    return vjp
+
+
 class _ReplaceGradient(torch.autograd.Function):
     """Identity on z* in the forward; in the backward, dL/dz* -> g of Eq. 3, sent into f(z*)."""
 
@@ -64,13 +83,7 @@ def implicit_backward(
     z_in = map_state(lambda t: t.detach().requires_grad_(), z_star)
     fz = f(z_in)
     layout.check(fz, "f(z*)")
-    outputs, inputs = as_tuple(fz), as_tuple(z_in)
-
-    def vjp(g: Tensor) -> Tensor:
-        """g -> g J, with J = df/dz at z*."""
-        grads = torch.autograd.grad(outputs, inputs, as_tuple(layout.unflatten(g)),
-                                    retain_graph=True, allow_unused=True)
-        return layout.flatten(tuple(torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)))
+    vjp = vjp_function(fz, z_in, layout)
 
     def solve_g(grad: Tensor) -> Tensor:
         if not bool(torch.isfinite(grad).all()):
