@@ -249,3 +249,49 @@ def test_from_config():
     assert deq.config.f_max_iter == 11
     with pytest.raises(TypeError, match="expected a cdeq.DEQConfig, got dict"):
         cdeq.DEQ.from_config({"f_max_iter": 3})
+
+
+def test_phantom_returned_states_are_advanced_and_differentiable():
+    f, (W, b, u), c = problem(seed=8)
+    deq = cdeq.DEQ(f_solver="fixed_point", f_max_iter=10, f_tol=0.0, backward="phantom", phantom_steps=2, tau=0.5)
+    _, info = deq(f, torch.zeros(3, 5, dtype=F64), return_steps=[3])
+    _, ref = cdeq.solve(f, torch.zeros(3, 5, dtype=F64), solver="fixed_point", max_iter=10, tol=0.0, return_states=[3])
+    want = unrolled_by_hand(f, ref.states[0], 2, 0.5)
+    assert torch.allclose(info.states[0], want)
+    got = torch.autograd.grad((info.states[0] * c).sum(), u)[0]
+    assert torch.allclose(got, torch.autograd.grad((want * c).sum(), u)[0])
+
+
+class ToyDEQ(cdeq.DEQModel):
+    """inject -> tanh layer -> readout, with weight-normalised layer weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(3, 4).double()
+        self.mix = torch.nn.Linear(4, 4).double()
+        self.head = torch.nn.Linear(4, 2).double()
+        cdeq.apply_norm(self.mix)
+        self.set_deq(cdeq.DEQ(f_max_iter=40, f_tol=1e-10))
+
+    def inject(self, x):
+        return self.encoder(x)
+
+    def layer(self, z, u):
+        return torch.tanh(0.5 * self.mix(z) + u)
+
+    def readout(self, z):
+        return self.head(z)
+
+    def init_state(self, u):
+        return torch.zeros_like(u)
+
+
+def test_gradients_reach_every_parameter_of_a_deq_model():
+    torch.manual_seed(0)
+    model = ToyDEQ()
+    logits, info = model(torch.randn(5, 3, dtype=F64), return_steps=[2])
+    loss = logits.square().sum() + model.readout(info.states[0]).sum()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert {"mix.weight_v", "mix.weight_g"} <= {n for n, _ in model.named_parameters()}
