@@ -141,3 +141,22 @@ def test_errors_name_the_problem():
     layer = cdeq.apply_norm(nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="already normalised; call remove_norm first"):
         cdeq.apply_norm(layer)
+
+
+def test_deepcopy_of_a_normalised_module_after_a_forward_with_grad():
+    import copy
+
+    layer = cdeq.apply_norm(nn.Linear(4, 4).double(), kind="spectral")
+    x = torch.randn(2, 4, dtype=F64)
+    cdeq.reset_norm(layer)
+    y = layer(x)  # the cached weight is a non-leaf tensor now
+    twin = copy.deepcopy(layer)
+    assert type(twin).__name__ == "Linear" and isinstance(twin, nn.Linear)
+    assert torch.allclose(twin.eval()(x), layer.eval()(x))
+    with torch.no_grad():
+        twin.weight_g.mul_(2.0)
+    assert torch.allclose(twin(x) - twin.bias, 2 * (layer(x) - layer.bias))
+    y.sum().backward()
+    assert layer.weight_v.grad is not None and twin.weight_v.grad is None
+    cdeq.remove_norm(twin)
+    assert type(twin) is nn.Linear and type(layer).__name__ == "Linear" and type(layer) is not nn.Linear

@@ -8,6 +8,12 @@ normalised weight is computed once, by :func:`reset_norm` (which ``DEQModel.forw
 every call of the layer reuses it. :func:`remove_norm` bakes the normalised weight back into a
 plain parameter, leaving the function unchanged.
 
+A normalised module keeps its class name but becomes an instance of a subclass whose ``weight``
+is a property returning the cached weight (recomputed on access only if stale, e.g. after an
+optimiser step without :func:`reset_norm`). ``copy.deepcopy`` works (the copy recomputes its
+weight); save it through its ``state_dict`` (``weight_v``, ``weight_g``, ``weight_u``), not by
+pickling the module.
+
 Example:
     >>> layer = torch.nn.Linear(8, 8)
     >>> apply_norm(layer, kind="spectral", clip=1.0)
@@ -56,9 +62,16 @@ class _Normalization:
             module.register_parameter("weight_g", nn.Parameter(g.clone()))
         else:
             module.register_buffer("weight_g", g)
-        self.hook = module.register_forward_pre_hook(_refresh_if_stale)
+        self.weight: Optional[Tensor] = None
         self.versions: tuple[int, ...] = ()
         self.compute(module)
+
+    def __deepcopy__(self, memo: dict) -> "_Normalization":
+        """A copy with the same settings and no cached weight (a non-leaf tensor cannot be deep
+        copied); the copy's module recomputes it on first use."""
+        copy = object.__new__(_Normalization)
+        copy.kind, copy.clip, copy.scale, copy.weight, copy.versions = self.kind, self.clip, self.scale, None, ()
+        return copy
 
     def _power_step(self, module: nn.Module) -> None:
         """One power iteration on V (as a (rows, -1) matrix) refining the left singular vector u."""
@@ -77,32 +90,46 @@ class _Normalization:
         return (u @ (mat @ right)).clamp_min(_EPS).reshape(1)
 
     def compute(self, module: nn.Module) -> None:
-        """Set ``module.weight = V * min(t, g / N(V))`` (Eq. 15-16), differentiable in V and g."""
+        """Cache ``W = V * min(t, g / N(V))`` (Eq. 15-16), differentiable in V and g."""
         if self.kind == "spectral" and module.training:
             with torch.no_grad():
                 self._power_step(module)
         factor = module.weight_g / self._norm(module)
         if self.clip is not None:
             factor = factor.clamp(max=self.clip)
-        module.weight = module.weight_v * factor
+        self.weight = module.weight_v * factor
         self.versions = (module.weight_v._version, module.weight_g._version)
 
     def stale(self, module: nn.Module) -> bool:
-        """Whether the stored weight no longer matches V and g (e.g. after an optimiser step)."""
-        v, w = module.weight_v, module.weight
+        """Whether the cached weight is missing or no longer matches V and g (e.g. after an
+        optimiser step, or when it was computed without grad and grad is now wanted)."""
+        v, w = module.weight_v, self.weight
         return (
-            self.versions != (v._version, module.weight_g._version)
+            w is None
+            or self.versions != (v._version, module.weight_g._version)
             or w.dtype != v.dtype
             or w.device != v.device
             or (torch.is_grad_enabled() and v.requires_grad and w.grad_fn is None)
         )
 
 
-def _refresh_if_stale(module: nn.Module, _inputs: tuple) -> None:
-    """Forward pre-hook: recompute a weight that went stale because reset_norm was not called."""
+def _normalised_weight(module: nn.Module) -> Tensor:
+    """``module.weight`` of a normalised module: the cached weight, recomputed only if stale
+    (reset_norm was not called after the parameters changed)."""
     norm = module.__dict__[_ATTR]
     if norm.stale(module):
         norm.compute(module)
+    return norm.weight
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _normalised_class(cls: type) -> type:
+    """A subclass of ``cls`` (same name, so the repr is unchanged) whose ``weight`` is a property."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (cls,), {"weight": property(_normalised_weight), "_cdeq_base": cls})
+    return _CLASSES[cls]
 
 
 def _excluded(name: str, module: nn.Module, exclude: tuple) -> bool:
@@ -166,6 +193,7 @@ def apply_norm(
         )
     for sub in targets:
         sub.__dict__[_ATTR] = _Normalization(sub, kind, clip, scale)
+        sub.__class__ = _normalised_class(type(sub))
     return module
 
 
@@ -191,13 +219,11 @@ def remove_norm(module: nn.Module) -> nn.Module:
     holding the value the next forward would use, so the function is unchanged. Returns ``module``."""
     for sub, norm in list(_normalised(module)):
         with torch.no_grad():
-            if norm.stale(sub):
-                norm.compute(sub)
             weight = sub.weight.detach().clone()
         requires_grad = sub.weight_v.requires_grad
-        norm.hook.remove()
+        sub.__class__ = sub._cdeq_base
         del sub.__dict__[_ATTR]
-        del sub.weight, sub.weight_v, sub.weight_g
+        del sub.weight_v, sub.weight_g
         if norm.kind == "spectral":
             del sub.weight_u
         sub.weight = nn.Parameter(weight, requires_grad=requires_grad)
