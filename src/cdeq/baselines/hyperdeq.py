@@ -1,0 +1,261 @@
+"""HyperDEQ: a neural deep equilibrium solver (Bai, Koltun, Kolter 2021) for a frozen teacher.
+
+Two small learned parts accelerate the teacher's Anderson solver without changing the teacher:
+
+- an *initialiser*: a per-position two-layer MLP (a 1x1 network along ``feature_dim``) from the
+  teacher's injection u to z_0 (state parts at another resolution than u are average-pooled to
+  it), its last layer zero-initialised so that it starts at the teacher's z_0 = 0;
+- a *learned Anderson step*: a small MLP reads the residual history (the scale-normalised Gram
+  matrix of the last m residuals) and predicts a correction to the least-squares mixing weights
+  alpha (kept summing to one) and the damping beta; it starts at zero, i.e. at classic Anderson.
+
+NFE: each solver step makes exactly one call of the teacher's f (the layer); the initialiser
+and the mixer are small networks that do not call f and count as zero NFE, as the injection does.
+``solve(x, nfe=k)`` returns the iterate after k calls (k = 0: the initialiser's z_0).
+Training (:func:`train_hyperdeq`) unrolls the solver and minimises the distance of every iterate
+(the initialiser's included) to the teacher's fixed point z*, taken from cached trajectories.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdeq.consistency.distill import check_state_shapes, to_device
+from cdeq.consistency.losses import mean_square, state_distance
+from cdeq.consistency.loop import OptimConfig, run
+from cdeq.consistency.trajectories import Trajectories
+from cdeq.state import State, StateLayout, as_tuple
+
+
+class _PointwiseMLP(nn.Module):
+    """A two-layer MLP applied at every position along ``dim`` (a 1x1 network)."""
+
+    def __init__(self, c_in: int, hidden: int, c_out: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.inp = nn.Linear(c_in, hidden)
+        self.out = nn.Linear(hidden, c_out)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.gelu(self.inp(x.movedim(self.dim, -1)))).movedim(-1, self.dim)
+
+
+class HyperDEQ(nn.Module):
+    """A learned initialiser and Anderson mixing for ``teacher`` (which is copied, frozen).
+
+    Args:
+        teacher: a :class:`~cdeq.models.DEQModel`.
+        m: the Anderson history size (number of stored iterates).
+        tau: the teacher's Anderson damping, where the learned damping starts.
+        lam: ridge of the least-squares alpha, relative to the residuals' squared norms.
+        hidden: width of the mixer MLP; init_hidden: width of the initialiser MLP.
+        example: an input x; builds the initialiser now (else on the first call or load).
+    """
+
+    def __init__(self, teacher: nn.Module, *, m: int = 5, tau: float = 1.0, lam: float = 1e-4, hidden: int = 64,
+                 init_hidden: int = 64, example: Any = None) -> None:
+        super().__init__()
+        from cdeq.norm import reset_norm
+
+        if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+            raise ValueError(f"m: expected an int >= 2 (Anderson history), got {m!r}")
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau: expected a damping in (0, 1], got {tau}")
+        self.m, self.tau, self.lam, self.init_hidden = m, float(tau), float(lam), init_hidden
+        self.feature_dim = int(getattr(teacher, "feature_dim", -1))
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        reset_norm(self.teacher)
+        self.mixer = nn.Sequential(nn.Linear(m * m + m, hidden), nn.GELU(), nn.Linear(hidden, m + 1))
+        nn.init.zeros_(self.mixer[2].weight)
+        nn.init.zeros_(self.mixer[2].bias)
+        self.init_nets = nn.ModuleList()
+        self.nfe = 0
+        if example is not None:
+            self.build(example)
+
+    def train(self, mode: bool = True) -> "HyperDEQ":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # -- initialiser -------------------------------------------------------------------------------
+    def _sources(self, u: Any, z: State) -> list[Tensor]:
+        """The injection tensor that feeds each state part (part i <- u part i, or u's only part)."""
+        u_parts = as_tuple(u)
+        if not all(isinstance(p, Tensor) for p in u_parts):
+            raise TypeError("teacher.inject(x): HyperDEQ's initialiser needs a tensor or tuple of tensors")
+        z_parts = as_tuple(z)
+        if len(u_parts) not in (1, len(z_parts)):
+            raise ValueError(f"teacher.inject(x) gives {len(u_parts)} tensors for a state of {len(z_parts)} parts; "
+                             "the initialiser needs one, or one per state part")
+        return [u_parts[i] if len(u_parts) > 1 else u_parts[0] for i in range(len(z_parts))]
+
+    def _align(self, src: Tensor, like: Tensor) -> Tensor:
+        """``src`` at the positions of ``like`` (4-D maps are average-pooled to like's size)."""
+        fd = self.feature_dim % like.dim()
+        pos = [d for d in range(1, like.dim()) if d != fd]
+        if src.dim() == like.dim() and all(src.shape[d] == like.shape[d] for d in pos):
+            return src
+        if src.dim() == like.dim() == 4 and fd == 1:
+            return F.adaptive_avg_pool2d(src, like.shape[2:])
+        raise ValueError(f"teacher.inject(x) part of shape {tuple(src.shape)} cannot be aligned with a state part "
+                         f"of shape {tuple(like.shape)} (feature_dim={self.feature_dim})")
+
+    def build(self, x: Any) -> None:
+        """Create the initialiser from the shapes of the injection and the state for input ``x``."""
+        if len(self.init_nets):
+            return
+        with torch.no_grad():
+            u = self.teacher.inject(x)
+            z = self.teacher.init_state(u)
+        StateLayout(z, "teacher.init_state(inject(x))")
+        for src, part in zip(self._sources(u, z), as_tuple(z)):
+            src = self._align(src, part)
+            net = _PointwiseMLP(src.shape[self.feature_dim], self.init_hidden, part.shape[self.feature_dim],
+                                self.feature_dim)
+            self.init_nets.append(net.to(device=part.device, dtype=part.dtype))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """As ``nn.Module.load_state_dict``; builds the initialiser from the saved shapes if needed."""
+        if not len(self.init_nets):
+            n = sum(1 for k in state_dict if k.startswith("init_nets.") and k.endswith(".inp.weight"))
+            for i in range(n):
+                w_in, w_out = state_dict[f"init_nets.{i}.inp.weight"], state_dict[f"init_nets.{i}.out.weight"]
+                self.init_nets.append(_PointwiseMLP(w_in.shape[1], w_in.shape[0], w_out.shape[0], self.feature_dim))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def initial_state(self, u: Any) -> State:
+        """z_0 = init_state(u) + initialiser(u) (zero NFE)."""
+        z = self.teacher.init_state(u)
+        parts = [p + net(self._align(src, p))
+                 for p, net, src in zip(as_tuple(z), self.init_nets, self._sources(u, z))]
+        return tuple(parts) if isinstance(z, (tuple, list)) else parts[0]
+
+    # -- learned Anderson --------------------------------------------------------------------------
+    def _mix(self, R: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha (B, n) and beta (B, 1) for the residual history R (B, n, N), n <= m."""
+        B, n, _ = R.shape
+        gram = torch.bmm(R, R.transpose(1, 2))
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+        H = gram + (self.lam * scale)[:, None, None] * torch.eye(n, dtype=R.dtype, device=R.device)
+        w = torch.linalg.solve(H, torch.ones(B, n, 1, dtype=R.dtype, device=R.device)).squeeze(2)
+        alpha_ls = w / w.sum(dim=1, keepdim=True)
+        feats = torch.zeros(B, self.m, self.m, dtype=R.dtype, device=R.device)
+        feats[:, :n, :n] = gram / scale[:, None, None]
+        valid = torch.zeros(B, self.m, dtype=R.dtype, device=R.device)
+        valid[:, :n] = 1
+        out = self.mixer(torch.cat([feats.reshape(B, -1), valid], dim=1))
+        delta = out[:, :n]
+        delta = delta - delta.mean(dim=1, keepdim=True)
+        beta = self.tau * (1 + torch.tanh(out[:, self.m:]))
+        return alpha_ls + delta, beta
+
+    def iterates(self, x: Any, nfe: int) -> list[State]:
+        """z_0..z_nfe of the learned solver (with gradients); exactly ``nfe`` calls of f."""
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 0:
+            raise ValueError(f"nfe: expected an int >= 0 (calls of f), got {nfe!r}")
+        self.build(x)
+        u = self.teacher.inject(x)
+        z0 = self.initial_state(u)
+        layout = StateLayout(z0, "z0")
+        z = layout.flatten(z0)
+        out = [z0]
+        Z: list[Tensor] = []
+        FZ: list[Tensor] = []
+        for _ in range(nfe):
+            fz = layout.flatten(self.teacher.layer(layout.unflatten(z), u))
+            Z, FZ = (Z + [z])[-self.m:], (FZ + [fz])[-self.m:]
+            if len(Z) == 1:
+                z = z + self.tau * (fz - z)
+            else:
+                Zs, Fs = torch.stack(Z, 1), torch.stack(FZ, 1)
+                alpha, beta = self._mix(Fs - Zs)
+                mixed_f = torch.bmm(alpha.unsqueeze(1), Fs).squeeze(1)
+                mixed_z = torch.bmm(alpha.unsqueeze(1), Zs).squeeze(1)
+                z = beta * mixed_f + (1 - beta) * mixed_z
+            out.append(layout.unflatten(z))
+        self.nfe = nfe
+        return out
+
+    @torch.no_grad()
+    def solve(self, x: Any, nfe: int) -> State:
+        """The state after ``nfe`` calls of the teacher's f (the initialiser costs none)."""
+        return self.iterates(x, nfe)[-1]
+
+    @torch.no_grad()
+    def predict(self, x: Any, nfe: int) -> Tensor:
+        """The teacher's readout of :meth:`solve`."""
+        return self.teacher.readout(self.solve(x, nfe))
+
+
+def train_hyperdeq(
+    hyper: HyperDEQ,
+    trajectories: Trajectories,
+    *,
+    steps: int = 1000,
+    train_nfe: int = 6,
+    init_weight: float = 1.0,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    grad_clip: Optional[float] = 1.0,
+    lr_schedule: str = "cosine",
+    warmup: int = 0,
+    checkpoint_dir: Optional[str] = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    device: Optional[str | torch.device] = None,
+    seed: int = 0,
+    log_every: int = 50,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``hyper`` on the teacher's fixed points z* = z_K of ``trajectories``.
+
+    Loss: ``init_weight * d(z_0, z*) + mean_{k=1..train_nfe} d(z_k, z*)`` over the unrolled
+    learned solver, d the MSE divided by the batch's mean square of z*. Checkpoints go to
+    ``checkpoint_dir/hyperdeq.pt`` (resumed on a rerun). Returns the training history.
+    """
+    if not isinstance(trajectories, Trajectories):
+        raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
+    if isinstance(train_nfe, bool) or not isinstance(train_nfe, int) or train_nfe < 1:
+        raise ValueError(f"train_nfe: expected an int >= 1, got {train_nfe!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    trajectories.check_teacher(hyper.teacher)
+    dev = torch.device(device) if device is not None else next(hyper.parameters()).device
+    hyper.to(dev)
+    x0 = to_device(trajectories.inputs(0, [0]), dev)
+    hyper.build(x0)
+    with torch.no_grad():
+        check_state_shapes(hyper.teacher.init_state(hyper.teacher.inject(x0)), trajectories)
+    K = trajectories.steps
+
+    def step_fn(step: int, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        hyper.train()
+        shard, rows = trajectories.sample(batch_size, gen)
+        x = to_device(trajectories.inputs(shard, rows), dev)
+        z_star = to_device(trajectories.states(shard, rows, K, augmented=False), dev)
+        scale = float(mean_square(z_star))
+        zs = hyper.iterates(x, train_nfe)
+        l_init = state_distance(zs[0], z_star, scale=scale)
+        l_iter = torch.stack([state_distance(z, z_star, scale=scale) for z in zs[1:]]).mean()
+        return init_weight * l_init + l_iter, {"init": float(l_init.detach()), "iterates": float(l_iter.detach())}
+
+    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, lr_schedule=lr_schedule, warmup=warmup,
+                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                      checkpoint_every=checkpoint_every, resume=resume, seed=seed, log_every=log_every,
+                      progress=progress)
+    config = {"kind": "hyperdeq", "teacher_hash": trajectories.meta["teacher_hash"], "m": hyper.m, "tau": hyper.tau,
+              "steps": steps, "train_nfe": train_nfe, "init_weight": init_weight, "lr": lr,
+              "batch_size": batch_size, "seed": seed}
+    params = [p for p in hyper.parameters() if p.requires_grad]
+    history = run("hyperdeq", steps=steps, params=params, step_fn=step_fn, cfg=cfg, saved={"hyper": hyper},
+                  config=config)
+    hyper.eval()
+    return history

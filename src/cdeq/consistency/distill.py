@@ -1,0 +1,252 @@
+"""Consistency distillation of a C-DEQ from cached teacher trajectories (Algorithm 2, Eq. 9-11, 14).
+
+One optimiser step draws a batch of items and a solver step k per item and minimises
+``lambda_global * L_global + (1 - lambda_global) * L_local + lambda_task * L_task`` (Eq. 11):
+
+- global (Eq. 9): d(g(z_{t_k}, t_k, x), z_K);
+- local (Eq. 10): d(g(z_{t_k}, t_k, x), g^-(z_{t_{k-1}}, t_{k-1}, x)) against the EMA target g^-
+  (phi^- <- mu phi^- + (1 - mu) phi), on the items with k >= 1;
+- task (Eq. 14, B.4): the task loss of the teacher's frozen readout of g on early times k <= task_max_k.
+
+Two changes from Algorithm 2 as printed, both on by default, make the student train on the states
+that inference visits: k is drawn from {0, ..., K} (Algorithm 1 evaluates g at t_0 = eps from z_0,
+which k ~ U{1, K} never trains), and *self-rollout*: the student is also rolled out from z_0 for
+``rollout_steps`` steps along the inference schedule (Algorithm 1 with gradients) and the global
+and task losses are applied to each step's output, so that it learns to refine its own earlier
+estimates and not only the teacher's states (set ``rollout_steps=0`` for Algorithm 2 alone).
+With ``rollout_weight`` w, L_global = (L_global on teacher states + w * mean over rollout steps) / (1 + w).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from cdeq.consistency.losses import DISTANCES, TaskLoss, cross_entropy, mean_square, relative_error, state_distance
+from cdeq.consistency.loop import OptimConfig, run
+from cdeq.consistency.student import ConsistencyDEQ
+from cdeq.consistency.trajectories import Trajectories
+from cdeq.state import State, StateLayout, map_state
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """A tensor or tuple of tensors (or None) moved to ``device``."""
+    if x is None:
+        return None
+    return map_state(lambda t: t.to(device), x)
+
+
+def select_rows(z: State, mask: Tensor) -> State:
+    """The rows of a batched state where ``mask`` (B,) is True."""
+    return map_state(lambda p: p[mask], z)
+
+
+def select_labels(y: Tensor, mask: Tensor) -> Optional[Tensor]:
+    """Labels of the selected rows; labels not batched per item (one graph: y is (N,)) go whole
+    when the single item is selected and not at all otherwise."""
+    if y.shape[0] == mask.shape[0]:
+        return y[mask]
+    if mask.shape[0] != 1:
+        raise ValueError(f"labels: expected a first dimension of {mask.shape[0]} (the batch), got {tuple(y.shape)}")
+    return y if bool(mask[0]) else None
+
+
+def check_state_shapes(student_state: State, traj: Trajectories) -> None:
+    """Raise unless the student's states have the cache's per-item shapes and structure."""
+    lay = StateLayout(student_state, "student state")
+    shapes = [list(s[1:]) for s in lay.shapes]
+    if shapes != [list(s) for s in traj.layout_shapes] or lay.is_tuple != traj.is_tuple:
+        raise ValueError(f"trajectories: states of the wrong shape: the cache holds {traj.layout_shapes} "
+                         f"(tuple={traj.is_tuple}) per item, the student's are {shapes} (tuple={lay.is_tuple})")
+
+
+def equilibrium_error(infer: Callable[[Any, int], State], trajectories: Trajectories, nfes: Sequence[int], *,
+                      batch_size: int = 256, max_items: Optional[int] = None,
+                      device: Optional[torch.device] = None) -> dict[int, float]:
+    """Mean ||z - z_K|| / ||z_K|| of ``infer(x, nfe)`` over the cached items, for each NFE.
+
+    ``infer`` is e.g. ``lambda x, k: student.infer(x, steps=k)`` or ``lambda x, k: hyper.solve(x, nfe=k)``.
+    """
+    device = device or torch.device("cpu")
+    sums = {int(k): 0.0 for k in nfes}
+    n = 0
+    for shard, rows in trajectories.chunks(batch_size):
+        if max_items is not None and n >= max_items:
+            break
+        x = to_device(trajectories.inputs(shard, rows), device)
+        z_star = to_device(trajectories.states(shard, rows, trajectories.steps, augmented=False), device)
+        with torch.no_grad():
+            for k in sums:
+                sums[k] += float(relative_error(infer(x, k), z_star).sum())
+        n += len(rows)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def teacher_error(trajectories: Trajectories, nfes: Sequence[int], max_items: Optional[int] = None) -> dict[int, float]:
+    """Mean ||z_k - z_K|| / ||z_K|| of the teacher's own iterates (its state after k calls of f)."""
+    sums = {int(k): 0.0 for k in nfes}
+    n = 0
+    for shard, rows in trajectories.chunks(256):
+        if max_items is not None and n >= max_items:
+            break
+        z_star = trajectories.states(shard, rows, trajectories.steps, augmented=False)
+        for k in sums:
+            sums[k] += float(relative_error(trajectories.states(shard, rows, k, augmented=False), z_star).sum())
+        n += len(rows)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def distill(
+    student: ConsistencyDEQ,
+    trajectories: Trajectories,
+    *,
+    steps: int = 2000,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    lambda_global: float = 0.8,
+    lambda_task: float = 0.05,
+    ema: float = 0.999,
+    distance: str = "mse",
+    huber_delta: float = 0.1,
+    normalize: bool = True,
+    include_k0: bool = True,
+    rollout_steps: int = 2,
+    rollout_weight: float = 1.0,
+    rollout_detach: bool = False,
+    task_max_k: int = 2,
+    task_loss: Optional[TaskLoss] = None,
+    weight_decay: float = 0.0,
+    grad_clip: Optional[float] = 1.0,
+    lr_schedule: str = "cosine",
+    warmup: int = 0,
+    checkpoint_dir: Optional[str] = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    device: Optional[str | torch.device] = None,
+    seed: int = 0,
+    log_every: int = 50,
+    progress: bool = True,
+    eval_nfes: Sequence[int] = (1, 2, 4),
+    eval_items: int = 512,
+) -> dict:
+    """Distil ``student`` on ``trajectories`` for ``steps`` optimiser steps (Algorithm 2, Eq. 11).
+
+    Args (beyond the module docstring's): ``ema`` the target's rate mu; ``distance`` "mse" or
+    "huber" (``huber_delta``); ``normalize`` divides the distances by the batch's mean square of
+    z_K, so that their size, and the balance with ``lambda_task``, does not depend on the scale
+    of the states (the minimiser of each distance term is unchanged); ``include_k0`` draws k from {0..K} (else {1..K}, Algorithm 2 as
+    printed); ``rollout_steps`` J_train of self-rollout (0 = off), ``rollout_detach`` cuts the
+    gradient between rollout steps; ``task_loss(logits, y)`` defaults to cross-entropy ignoring
+    -100; ``task_max_k`` the latest teacher step that gets the task loss (early times, B.4).
+    Optimiser and checkpoints: see :class:`cdeq.consistency.loop.OptimConfig`; a checkpoint is
+    ``checkpoint_dir/distill.pt`` and a rerun resumes it.
+
+    Returns ``{"history": [...], "eval": {"student": {nfe: err}, "teacher": {nfe: err}}}``: the
+    training log and the mean relative error to z_K at ``eval_nfes`` on up to ``eval_items`` items.
+    """
+    if not isinstance(student, ConsistencyDEQ):
+        raise TypeError(f"student: expected a ConsistencyDEQ, got {type(student).__name__}")
+    if not isinstance(trajectories, Trajectories):
+        raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
+    if distance not in DISTANCES:
+        raise ValueError(f"distance: expected one of {DISTANCES}, got {distance!r}")
+    if not 0.0 <= lambda_global <= 1.0:
+        raise ValueError(f"lambda_global: expected a weight in [0, 1] (Eq. 11), got {lambda_global}")
+    if not lambda_task >= 0:
+        raise ValueError(f"lambda_task: expected a weight >= 0, got {lambda_task}")
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema: expected mu in [0, 1), got {ema}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if isinstance(rollout_steps, bool) or not isinstance(rollout_steps, int) or rollout_steps < 0:
+        raise ValueError(f"rollout_steps: expected an int >= 0, got {rollout_steps!r}")
+    if not rollout_weight >= 0:
+        raise ValueError(f"rollout_weight: expected a weight >= 0, got {rollout_weight}")
+    trajectories.check_teacher(student.teacher)
+    dev = torch.device(device) if device is not None else next(student.parameters()).device
+    student.to(dev)
+    x0 = to_device(trajectories.inputs(0, [0]), dev)
+    student.build(x0)
+    with torch.no_grad():
+        check_state_shapes(student.backbone.init_state(student.inject(x0)), trajectories)
+    task_fn = task_loss or cross_entropy
+    has_labels = bool(trajectories.meta["has_labels"])
+    K = trajectories.steps
+    sched = student.schedule
+    target = copy.deepcopy(student, memo={id(student.teacher): student.teacher}).requires_grad_(False).eval()
+    params = student.trainable_parameters()
+    tparams = [p for name, p in target.named_parameters() if dict(student.named_parameters())[name].requires_grad]
+
+    def ema_update() -> None:
+        with torch.no_grad():
+            torch._foreach_lerp_(tparams, params, 1.0 - ema)
+
+    def step_fn(step: int, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        student.train()
+        shard, rows = trajectories.sample(batch_size, gen)
+        ks = torch.randint(0 if include_k0 else 1, K + 1, (len(rows),), generator=gen)
+        km1, km2 = (ks - 1).clamp_min(0), (ks - 2).clamp_min(0)
+        read = lambda k: to_device(trajectories.states(shard, rows, k.tolist()), dev)  # noqa: E731
+        z_k, z_km1 = read(ks), read(km1)
+        z_star = to_device(trajectories.states(shard, rows, K, augmented=False), dev)
+        scale = float(mean_square(z_star)) if normalize else 1.0
+        dist = lambda a, b: state_distance(a, b, distance, huber_delta, scale)  # noqa: E731
+        x = to_device(trajectories.inputs(shard, rows), dev)
+        y = to_device(trajectories.labels(shard, rows), dev) if has_labels else None
+        ks_d = ks.to(dev)
+        t_k, t_km1, t_km2 = (sched.train_time(k).to(dev) for k in (ks, km1, km2))
+        u = student.inject(x)
+        out = student.consistency(u, z_k, t_k, z_km1, t_km1, first=ks_d == 0)
+        logs: dict[str, float] = {}
+        l_global = dist(out, z_star)
+        logs["global_traj"] = float(l_global.detach())
+        has_prev = ks_d >= 1
+        l_local = torch.zeros((), device=dev)
+        if lambda_global < 1.0 and bool(has_prev.any()):
+            with torch.no_grad():
+                tgt = target.consistency(target.inject(x), z_km1, t_km1, read(km2), t_km2, first=ks_d <= 1)
+            l_local = dist(select_rows(out, has_prev), select_rows(tgt, has_prev))
+            logs["local"] = float(l_local.detach())
+        task_terms: list[Tensor] = []
+        if has_labels and lambda_task > 0:
+            early = ks_d <= task_max_k
+            y_early = select_labels(y, early)
+            if y_early is not None and bool(early.any()):
+                task_terms.append(task_fn(student.readout(select_rows(out, early)), y_early))
+        if rollout_steps > 0:
+            outs = student.rollout(x, rollout_steps, detach=rollout_detach)
+            l_roll = torch.stack([dist(o, z_star) for o in outs]).mean()
+            logs["global_rollout"] = float(l_roll.detach())
+            l_global = (l_global + rollout_weight * l_roll) / (1.0 + rollout_weight)
+            if has_labels and lambda_task > 0:
+                task_terms.extend(task_fn(student.readout(o), y) for o in outs)
+        l_task = torch.stack(task_terms).mean() if task_terms else torch.zeros((), device=dev)
+        if task_terms:
+            logs["task"] = float(l_task.detach())
+        loss = lambda_global * l_global + (1.0 - lambda_global) * l_local + lambda_task * l_task
+        return loss, logs
+
+    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, lr_schedule=lr_schedule, warmup=warmup,
+                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                      checkpoint_every=checkpoint_every, resume=resume, seed=seed, log_every=log_every,
+                      progress=progress)
+    config = {"kind": "distill", "teacher_hash": trajectories.meta["teacher_hash"], "structure": student.structure,
+              "schedule": vars(sched), "steps": steps, "lr": lr, "batch_size": batch_size,
+              "lambda_global": lambda_global, "lambda_task": lambda_task, "ema": ema, "distance": distance,
+              "huber_delta": huber_delta, "normalize": normalize, "include_k0": include_k0, "rollout_steps": rollout_steps,
+              "rollout_weight": rollout_weight, "rollout_detach": rollout_detach, "task_max_k": task_max_k,
+              "seed": seed}
+    history = run("distill", steps=steps, params=params, step_fn=step_fn, cfg=cfg,
+                  saved={"student": student, "target": target}, config=config, after_step=ema_update)
+    student.eval()
+    nfes = list(eval_nfes)
+    result = {"history": history, "eval": {}}
+    if nfes:
+        result["eval"] = {
+            "student": equilibrium_error(lambda x, k: student.infer(x, steps=k), trajectories, nfes,
+                                         max_items=eval_items, device=dev),
+            "teacher": teacher_error(trajectories, nfes, max_items=eval_items),
+        }
+    return result

@@ -1,0 +1,258 @@
+"""The C-DEQ student: g(z_t, t, x) = c_skip(t) z_t + c_out(t) P(z_<=t, t, x) (Eq. 5).
+
+``structure="anderson"`` (the paper's model) sets P to a two-step Anderson update (Eq. 7, with the
+mixing weights of Eq. 4 for a history of two) over the learnable map h(z_t, t, x) = W [f'(z_t, x) || t]
+(Eq. 8); ``structure="plain"`` is the ablation without AA, P = h. f' (injection and layer) is a
+copy of the teacher's, started from its weights (weight/spectral norm baked in), and W is a 1x1
+projection along the teacher's ``feature_dim``, one per state part, initialised to the identity on
+f' and zero on the time channel, so that h starts exactly as the teacher's f. The readout is the
+teacher's, frozen.
+
+One network evaluation (NFE) is one call of h, that is one call of f'. Inference (Algorithm 1)
+caches h at the previous state, so every step, the Anderson ones included, costs one NFE; the
+injection is computed once per input and, like a DEQ's, is not counted.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdeq.consistency.schedule import TimeLike, TimeSchedule
+from cdeq.state import State, StateLayout, as_tuple, map_state
+
+STRUCTURES = ("anderson", "plain")
+
+
+def batch_dot(a: State, b: State) -> Tensor:
+    """Per-sample inner product ``<a_i, b_i>`` of two states of the same structure, ``(B,)``."""
+    total = None
+    for p, q in zip(as_tuple(a), as_tuple(b)):
+        s = (p * q).reshape(p.shape[0], -1).sum(dim=1)
+        total = s if total is None else total + s
+    return total
+
+
+def _per_sample(c: Union[float, Tensor], p: Tensor) -> Union[float, Tensor]:
+    """A scalar, or a ``(B,)`` tensor reshaped to broadcast over the state part ``p``."""
+    if isinstance(c, Tensor) and c.dim() > 0:
+        return c.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
+    return c
+
+
+def combine(a: Union[float, Tensor], x: State, b: Union[float, Tensor], y: State) -> State:
+    """``a x + b y`` part by part, with per-sample or scalar coefficients."""
+    return map_state(lambda p, q: _per_sample(a, p) * p + _per_sample(b, q) * q, x, y)
+
+
+def anderson_step(z: State, hz: State, z_prev: State, h_prev: State, *, beta_aa: float = 1.0,
+                  lam: float = 1e-4) -> State:
+    """The two-step Anderson update S^AA(z_k, z_{k-1}; h) of Eq. 7 (Eq. 4 with m_k = 1).
+
+    alpha = [a, 1 - a] minimises ||a r_k + (1 - a) r_{k-1}||^2 + lam s (a^2 + (1 - a)^2) per sample,
+    with r_i = h(z_i) - z_i and s = (||r_k||^2 + ||r_{k-1}||^2) / 2 (a scale-free ridge, as the
+    solvers use), and the result is ``beta_aa (a h_k + (1-a) h_{k-1}) + (1-beta_aa)(a z_k + (1-a) z_{k-1})``.
+    """
+    r = combine(1.0, hz, -1.0, z)
+    r_prev = combine(1.0, h_prev, -1.0, z_prev)
+    d = combine(1.0, r, -1.0, r_prev)
+    s = lam * 0.5 * (batch_dot(r, r) + batch_dot(r_prev, r_prev))
+    den = batch_dot(d, d) + 2 * s
+    a = (s - batch_dot(r_prev, d)) / den.clamp_min(torch.finfo(den.dtype).tiny)
+    mixed_h = combine(a, hz, 1 - a, h_prev)
+    if beta_aa == 1.0:
+        return mixed_h
+    return combine(beta_aa, mixed_h, 1 - beta_aa, combine(a, z, 1 - a, z_prev))
+
+
+class ConsistencyDEQ(nn.Module):
+    """A C-DEQ student distilled from ``teacher`` (a :class:`~cdeq.models.DEQModel`).
+
+    Args:
+        teacher: the trained DEQ; it is copied twice (a frozen copy for the readout and the hash
+            check, a trainable copy for f') and never changed.
+        structure: ``"anderson"`` (Eq. 7) or ``"plain"`` (P = h, the ablation without AA).
+        gamma, eps, T, rho, beta: the :class:`TimeSchedule` (Eq. 5, Eq. 6, Appendix B.3);
+            ``beta=None`` aligns inference with training times (beta = e^{-rho}).
+        beta_aa: the damping of the Anderson step (beta of Eq. 4), in (0, 1].
+        aa_lam: the ridge of the two-term least squares (relative to the residuals' norms).
+        example: an input x; builds W now. Without it W is built on the first call (``distill``
+            and ``train_direct`` do so before making their optimiser) or by ``load_state_dict``.
+    """
+
+    def __init__(self, teacher: nn.Module, *, structure: str = "anderson", gamma: float = 1.0, eps: float = 0.01,
+                 T: float = 1.0, rho: float = 0.25, beta: Optional[float] = None, beta_aa: float = 1.0,
+                 aa_lam: float = 1e-4, example: Any = None) -> None:
+        super().__init__()
+        from cdeq.norm import remove_norm, reset_norm
+
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
+        if not 0 < beta_aa <= 1:
+            raise ValueError(f"beta_aa: expected a damping in (0, 1], got {beta_aa}")
+        if not aa_lam >= 0:
+            raise ValueError(f"aa_lam: expected a ridge >= 0, got {aa_lam}")
+        for name in ("inject", "layer", "readout", "init_state"):
+            if not callable(getattr(teacher, name, None)):
+                raise TypeError(f"teacher: expected a DEQModel with inject/layer/readout/init_state, missing {name}")
+        self.structure, self.beta_aa, self.aa_lam = structure, float(beta_aa), float(aa_lam)
+        self.schedule = TimeSchedule(eps=eps, T=T, gamma=gamma, rho=rho, beta=beta)
+        self.feature_dim: int = int(getattr(teacher, "feature_dim", -1))
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        reset_norm(self.teacher)
+        self.backbone = remove_norm(copy.deepcopy(teacher)).requires_grad_(True)
+        self.proj = nn.ModuleList()
+        self.nfe = 0  # network evaluations of the last infer/predict/rollout
+        self._calls = 0
+        if example is not None:
+            self.build(example)
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def built(self) -> bool:
+        return len(self.proj) > 0
+
+    def train(self, mode: bool = True) -> "ConsistencyDEQ":
+        """As ``nn.Module.train``, but the frozen teacher copy stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _channels(self, z: State) -> list[int]:
+        chans = []
+        for i, p in enumerate(as_tuple(z)):
+            if not -p.dim() <= self.feature_dim < p.dim():
+                raise ValueError(f"teacher.feature_dim={self.feature_dim} is not a dimension of state part {i} "
+                                 f"(shape {tuple(p.shape)})")
+            chans.append(p.shape[self.feature_dim])
+        return chans
+
+    def _build_channels(self, channels: Sequence[int], like: Tensor) -> None:
+        """Create W (Eq. 8), one ``C x (C + 1)`` projection per state part: [I | 0], no bias."""
+        for c in channels:
+            lin = nn.Linear(c + 1, c, bias=True, device=like.device, dtype=like.dtype)
+            with torch.no_grad():
+                lin.weight.zero_()
+                lin.weight[:, :c].copy_(torch.eye(c, dtype=like.dtype, device=like.device))
+                lin.bias.zero_()
+            self.proj.append(lin)
+
+    def build(self, x: Any) -> None:
+        """Create W from the teacher's state structure for input ``x`` (no-op once built)."""
+        if self.built:
+            return
+        with torch.no_grad():
+            z0 = self.teacher.init_state(self.teacher.inject(x))
+        StateLayout(z0, "teacher.init_state(inject(x))")
+        self._build_channels(self._channels(z0), as_tuple(z0)[0])
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """As ``nn.Module.load_state_dict``; builds W from the saved shapes if not built yet."""
+        if not self.built:
+            n = sum(1 for k in state_dict if k.startswith("proj.") and k.endswith(".weight"))
+            like = next(self.backbone.parameters(), torch.zeros(()))
+            self._build_channels([state_dict[f"proj.{i}.weight"].shape[0] for i in range(n)], like)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- Eq. 5, 7, 8 -------------------------------------------------------------------------------
+    def inject(self, x: Any) -> Any:
+        """The student's own injection (a trained copy of the teacher's), computed once per input."""
+        self.build(x)
+        return self.backbone.inject(x)
+
+    def h(self, z: State, t: TimeLike, u: Any) -> State:
+        """h(z_t, t, x) = W [f'(z_t, x) || t] (Eq. 8); one network evaluation."""
+        if not self.built:
+            raise RuntimeError("ConsistencyDEQ: W is not built; call inject(x) or build(x) first")
+        self.schedule.check(t)
+        self._calls += 1
+        out = as_tuple(self.backbone.layer(z, u))
+        parts = []
+        for p, lin in zip(out, self.proj):
+            c = p.shape[self.feature_dim]
+            moved = p.movedim(self.feature_dim, -1)
+            y = F.linear(moved, lin.weight[:, :c], lin.bias)
+            tt = torch.as_tensor(t, dtype=p.dtype, device=p.device)
+            tt = tt.reshape(-1, *([1] * (moved.dim() - 1))) if tt.dim() > 0 else tt
+            y = y + tt * lin.weight[:, c]
+            parts.append(y.movedim(-1, self.feature_dim))
+        return tuple(parts) if isinstance(z, (tuple, list)) else parts[0]
+
+    def g(self, z: State, t: TimeLike, hz: State, z_prev: Optional[State] = None,
+          h_prev: Optional[State] = None) -> State:
+        """g = c_skip(t) z + c_out(t) P (Eq. 5) given h at z (and, for AA, at the previous state).
+
+        P = h(z) for the plain structure or without a previous state (Algorithm 1, line 1);
+        otherwise P = S^AA(z, z_prev; h) (Eq. 7).
+        """
+        if self.structure == "plain" or z_prev is None:
+            P = hz
+        else:
+            P = anderson_step(z, hz, z_prev, h_prev, beta_aa=self.beta_aa, lam=self.aa_lam)
+        return combine(self.schedule.c_skip(t), z, self.schedule.c_out(t), P)
+
+    def consistency(self, u: Any, z: State, t: Tensor, z_prev: State, t_prev: Tensor, first: Tensor) -> State:
+        """g on teacher states (training): z = z_{t_k}, z_prev = z_{t_{k-1}} (any state where
+        ``first``, the rows with k = 0, which have no history). Costs 1 or 2 network evaluations."""
+        hz = self.h(z, t, u)
+        if self.structure == "plain" or bool(first.all()):
+            return self.g(z, t, hz)
+        h_prev = self.h(z_prev, t_prev, u)
+        out_aa = self.g(z, t, hz, z_prev, h_prev)
+        if not bool(first.any()):
+            return out_aa
+        out_first = self.g(z, t, hz)
+        return map_state(lambda a, b: torch.where(first.reshape(-1, *([1] * (a.dim() - 1))), a, b),
+                         out_first, out_aa)
+
+    # -- Algorithm 1 ---------------------------------------------------------------------------------
+    def rollout(self, x: Any, steps: int, schedule: Optional[Sequence[float]] = None, *,
+                detach: bool = False, z0: Optional[State] = None) -> list[State]:
+        """Algorithm 1 with gradients: the states z_{t_1}..z_{t_J} after each of the J steps.
+
+        Step j evaluates h once, at (z_{t_j}, t_j); the AA step reuses h at the previous state.
+        ``detach`` cuts the graph between steps (each step then learns from its own earlier
+        estimates as fixed inputs). ``z0`` defaults to the teacher's ``init_state`` (zeros).
+        """
+        times = self.schedule.inference_times(steps, schedule)
+        u = self.inject(x)
+        z = self.backbone.init_state(u) if z0 is None else z0
+        calls0 = self._calls
+        outs: list[State] = []
+        z_prev = h_prev = None
+        for t in times:
+            hz = self.h(z, t, u)
+            new = self.g(z, t, hz, z_prev, h_prev)
+            z_prev, h_prev = z, hz
+            if detach:
+                z_prev, h_prev = map_state(torch.detach, z_prev), map_state(torch.detach, h_prev)
+                new_in = map_state(torch.detach, new)
+            else:
+                new_in = new
+            outs.append(new)
+            z = new_in
+        self.nfe = self._calls - calls0
+        return outs
+
+    @torch.no_grad()
+    def infer(self, x: Any, steps: int = 1, schedule: Optional[Sequence[float]] = None) -> State:
+        """Algorithm 1: the equilibrium estimate after ``steps`` = J network evaluations, in the
+        teacher's state structure. ``schedule``: J times t_0..t_{J-1} in [eps, T] (default B.3).
+        ``self.nfe`` is set to the evaluations made (J)."""
+        return self.rollout(x, steps, schedule)[-1]
+
+    @torch.no_grad()
+    def predict(self, x: Any, steps: int = 1, schedule: Optional[Sequence[float]] = None) -> Tensor:
+        """The teacher's frozen readout of :meth:`infer`."""
+        return self.teacher.readout(self.infer(x, steps, schedule))
+
+    def readout(self, z: State) -> Tensor:
+        """The teacher's frozen readout (gradients reach z, not the readout's weights)."""
+        return self.teacher.readout(z)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters distillation trains: f' (injection and layer) and W."""
+        return [p for p in self.parameters() if p.requires_grad]

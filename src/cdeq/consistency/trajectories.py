@@ -1,0 +1,448 @@
+"""Teacher trajectories for consistency distillation (Section 3.2, Appendix B.2, Algorithm 4).
+
+:func:`sample_trajectories` runs the frozen teacher's solver from a fixed z_0 for a fixed budget
+of K steps and keeps every state z_0..z_K (z_K is the distillation target, z* in Eq. 9), the
+teacher's relative residual of each state, the inputs and the labels. States are written to disk
+in shards, one per input batch, as safetensors files (optionally float16/bfloat16), each written
+to a temporary name and renamed, so a killed run leaves only complete shards and a rerun resumes.
+
+Augmentation (Eq. 13): the raw states are stored unchanged; the replacement mask of Algorithm 4
+(z_k <- z_K with probability p_aug for k in [k_min, K - k_tail]) is drawn once at write time,
+per trajectory, and stored beside them. Reads apply it by default (``augmented=True``) and can
+return the raw states (``augmented=False``).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch import Tensor, nn
+
+from cdeq.io import atomic_write_bytes, atomic_write_json
+from cdeq.state import State, StateLayout, as_tuple, map_state
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+STORAGE_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Settings that must agree between a cache on disk and the request that reads or extends it.
+# Shards up to this size are held in memory once read (an LRU of MEMORY_SHARDS); larger ones are
+# read state by state from the memory-mapped file.
+MEMORY_SHARD_BYTES = 64 << 20
+MEMORY_SHARDS = 8
+_CHECKED_KEYS = ("format", "teacher_hash", "solver", "solver_options", "steps", "z0", "p_aug", "k_min",
+                 "k_tail", "dtype", "seed", "time_map")
+
+
+def module_hash(module: nn.Module) -> str:
+    """SHA-256 of a module's weights: its state dict plus non-persistent buffers (e.g. a graph).
+
+    Names, dtypes, shapes and bytes all count, so a different checkpoint gives a different hash.
+    """
+    h = hashlib.sha256()
+    tensors = dict(module.state_dict())
+    for name, buf in module.named_buffers():
+        tensors.setdefault(name, buf)
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(t, Tensor):
+            continue
+        if t.is_sparse:
+            t = t.coalesce()
+            parts = [t.indices(), t.values()]
+        else:
+            parts = [t]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        for p in parts:
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tensor_hash(x: Any) -> str:
+    h = hashlib.sha256()
+    for t in as_tuple(x):
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _split_batch(batch: Any, index: int) -> tuple[Any, Optional[Tensor]]:
+    """A loader batch as ``(x, y)``: a tensor is ``x``; a 2-sequence is ``(x, y)`` (y may be None)."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+        if y is not None and not isinstance(y, Tensor):
+            raise TypeError(f"inputs: batch {index}: labels must be a tensor or None, got {type(y).__name__}")
+        for part in as_tuple(x):
+            if not isinstance(part, Tensor):
+                raise TypeError(f"inputs: batch {index}: x must be a tensor or a tuple of tensors")
+        return x, y
+    raise TypeError(
+        f"inputs: batch {index}: expected x (a tensor) or (x, y) with x a tensor or tuple of tensors; "
+        f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + ". Yield (x, None) for a tuple input without labels."
+    )
+
+
+def _augmentation_mask(batch: int, steps: int, p_aug: float, k_min: int, k_tail: int,
+                       generator: torch.Generator) -> Tensor:
+    """Algorithm 4, lines 7-12: True where z_k is replaced by z_K, for k in [k_min, K - k_tail]."""
+    mask = torch.zeros(batch, steps + 1, dtype=torch.bool)
+    hi = steps - k_tail
+    if p_aug > 0 and hi >= k_min:
+        u = torch.rand(batch, hi - k_min + 1, generator=generator)
+        mask[:, k_min:hi + 1] = u < p_aug
+    return mask
+
+
+def _check_sampling_args(steps: int, z0: str, p_aug: float, k_min: int, k_tail: int, dtype: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1 (teacher solver steps K), got {steps!r}")
+    if z0 not in ("zeros", "gaussian"):
+        raise ValueError(f"z0: expected 'zeros' or 'gaussian', got {z0!r}")
+    if not (isinstance(p_aug, (int, float)) and 0.0 <= p_aug <= 1.0):
+        raise ValueError(f"p_aug: expected a probability in [0, 1], got {p_aug!r}")
+    if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
+        raise ValueError(f"k_min: expected an int >= 1 (z_0 is never replaced), got {k_min!r}")
+    if isinstance(k_tail, bool) or not isinstance(k_tail, int) or k_tail < 1:
+        raise ValueError(f"k_tail: expected an int >= 1 (z_K is the target), got {k_tail!r}")
+    if dtype not in STORAGE_DTYPES and dtype not in STORAGE_DTYPES.values():
+        raise ValueError(f"dtype: expected None, 'float16', 'bfloat16' or a torch dtype of those, got {dtype!r}")
+
+
+def _dtype_name(dtype: Any) -> Optional[str]:
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    return {v: k for k, v in STORAGE_DTYPES.items() if v is not None}[dtype]
+
+
+class Trajectories:
+    """A cache of teacher trajectories on disk, read lazily shard by shard.
+
+    Each item (one row of an input batch) holds its states z_0..z_K, the input x, the label y (if
+    any), the teacher's relative residual of every state and its augmentation mask. Use
+    :meth:`open` to read an existing cache; :func:`sample_trajectories` returns one.
+    """
+
+    def __init__(self, root: str | Path, meta: dict, _tmp: Optional[tempfile.TemporaryDirectory] = None) -> None:
+        self.root = Path(root)
+        self.meta = meta
+        self._tmp = _tmp  # keeps a temporary cache alive as long as this object
+        self._handles: dict[int, Any] = {}
+        self._memory: "OrderedDict[int, dict[str, Tensor]]" = OrderedDict()
+        self.layout_shapes = [tuple(s) for s in meta["state_shapes"]]
+        self.is_tuple: bool = meta["state_is_tuple"]
+
+    @classmethod
+    def open(cls, root: str | Path, *, teacher: Optional[nn.Module] = None) -> "Trajectories":
+        """Open a complete cache; with ``teacher``, check that it was sampled from that teacher."""
+        root = Path(root)
+        meta_path = root / META_FILE
+        if not meta_path.exists():
+            raise FileNotFoundError(f"root: no trajectory cache at {root} ({META_FILE} missing)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"root: cache format {meta.get('format')} at {root}, expected {FORMAT_VERSION}")
+        if not meta.get("complete"):
+            raise ValueError(f"root: the cache at {root} is incomplete (sampling was interrupted); "
+                             "rerun sample_trajectories with the same arguments to resume it")
+        traj = cls(root, meta)
+        if teacher is not None:
+            traj.check_teacher(teacher)
+        return traj
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """K, the number of teacher solver steps; states are z_0..z_K."""
+        return int(self.meta["steps"])
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        return list(self.meta["shard_sizes"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.meta["shard_sizes"])
+
+    def __len__(self) -> int:
+        return sum(self.meta["shard_sizes"])
+
+    def check_teacher(self, teacher: nn.Module) -> None:
+        """Raise unless this cache was sampled from ``teacher`` (same weights)."""
+        got = module_hash(teacher)
+        if got != self.meta["teacher_hash"]:
+            raise ValueError(
+                f"teacher: the trajectory cache at {self.root} was sampled from another teacher "
+                f"(hash {self.meta['teacher_hash'][:12]}..., this teacher {got[:12]}...)"
+            )
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.root / f"shard-{shard:06d}.safetensors"
+
+    def _handle(self, shard: int) -> Any:
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"shard: expected 0 <= shard < {self.num_shards}, got {shard}")
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self._shard_path(shard)), framework="pt")
+        return self._handles[shard]
+
+    def _in_memory(self, shard: int) -> Optional[dict[str, Tensor]]:
+        """The whole shard if it is small enough to hold (LRU of ``MEMORY_SHARDS`` shards), else None."""
+        if shard in self._memory:
+            self._memory.move_to_end(shard)
+            return self._memory[shard]
+        if self._shard_path(shard).stat().st_size > MEMORY_SHARD_BYTES:
+            return None
+        h = self._handle(shard)
+        self._memory[shard] = {name: h.get_tensor(name) for name in h.keys()}
+        if len(self._memory) > MEMORY_SHARDS:
+            self._memory.popitem(last=False)
+        return self._memory[shard]
+
+    def _rows(self, shard: int, rows: Optional[Sequence[int]]) -> list[int]:
+        size = self.shard_sizes[shard]
+        if rows is None:
+            return list(range(size))
+        rows = [int(r) for r in rows]
+        if any(not 0 <= r < size for r in rows):
+            raise IndexError(f"rows: shard {shard} holds rows 0..{size - 1}, got {rows}")
+        return rows
+
+    def _take(self, name: str, shard: int, rows: list[int]) -> Tensor:
+        """Rows of a per-item tensor; a tensor whose first dim is not the batch (e.g. the labels
+        (N,) of a one-graph batch) is returned whole and only when every row is asked for."""
+        h = self._handle(shard)
+        size = self.shard_sizes[shard]
+        mem = self._in_memory(shard)
+        if rows == list(range(size)):
+            return h.get_tensor(name) if mem is None else mem[name]
+        shape = h.get_slice(name).get_shape() if mem is None else list(mem[name].shape)
+        if shape[0] != size:
+            raise ValueError(f"rows: {name!r} of shard {shard} is not batched per item "
+                             f"(shape {shape}, {size} items); read all rows of this shard")
+        if mem is not None:
+            return mem[name][torch.tensor(rows)]
+        sl = h.get_slice(name)
+        return torch.stack([sl[r] for r in rows])
+
+    def states(self, shard: int, rows: Optional[Sequence[int]], ks: Sequence[int] | int, *,
+               augmented: bool = True, dtype: torch.dtype = torch.float32) -> State:
+        """States z_{k_i} of the given rows (one k per row, or one k for all), as a batched state.
+
+        Only those states are read from disk. ``augmented`` applies the stored Eq. 13 mask.
+        """
+        rows = self._rows(shard, rows)
+        K = self.steps
+        ks = [int(ks)] * len(rows) if isinstance(ks, int) else [int(k) for k in ks]
+        if len(ks) != len(rows):
+            raise ValueError(f"ks: expected one step per row ({len(rows)}), got {len(ks)}")
+        if any(not 0 <= k <= K for k in ks):
+            raise ValueError(f"ks: steps must lie in [0, K={K}], got {ks}")
+        r_idx, k_idx = torch.tensor(rows, dtype=torch.long), torch.tensor(ks, dtype=torch.long)
+        if augmented:
+            aug = self._take("aug", shard, rows)
+            k_idx = torch.where(aug[torch.arange(len(rows)), k_idx], torch.full_like(k_idx, K), k_idx)
+        mem = self._in_memory(shard)
+        parts = []
+        for i in range(len(self.layout_shapes)):
+            if mem is not None:
+                parts.append(mem[f"z.{i}"][r_idx, k_idx].to(dtype))
+            else:
+                sl = self._handle(shard).get_slice(f"z.{i}")
+                parts.append(torch.stack([sl[r, k] for r, k in zip(rows, k_idx.tolist())]).to(dtype))
+        return tuple(parts) if self.is_tuple else parts[0]
+
+    def inputs(self, shard: int, rows: Optional[Sequence[int]] = None) -> Any:
+        """The inputs x of the given rows (a tensor or tuple of tensors, as the loader gave them)."""
+        rows = self._rows(shard, rows)
+        n = self.meta["x_parts"]
+        if n == 0:
+            return self._take("x", shard, rows)
+        return tuple(self._take(f"x.{i}", shard, rows) for i in range(n))
+
+    def labels(self, shard: int, rows: Optional[Sequence[int]] = None) -> Optional[Tensor]:
+        """The labels of the given rows, or None when the loader gave none."""
+        if not self.meta["has_labels"]:
+            return None
+        return self._take("y", shard, self._rows(shard, rows))
+
+    def residuals(self, shard: int, rows: Optional[Sequence[int]] = None) -> Tensor:
+        """Teacher's relative residuals ||f(z_k)-z_k|| / ||f(z_k)|| of the raw states, ``(rows, K+1)``."""
+        return self._take("residual", shard, self._rows(shard, rows))
+
+    def augmentation_mask(self, shard: int, rows: Optional[Sequence[int]] = None) -> Tensor:
+        """The stored Eq. 13 mask, ``(rows, K+1)`` bool: True where z_k reads as z_K."""
+        return self._take("aug", shard, self._rows(shard, rows))
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[int, list[int]]:
+        """A random shard (weighted by its size) and up to ``batch_size`` distinct rows of it."""
+        sizes = torch.tensor(self.shard_sizes, dtype=torch.float64)
+        shard = int(torch.multinomial(sizes, 1, generator=generator))
+        n = min(batch_size, self.shard_sizes[shard])
+        rows = torch.randperm(self.shard_sizes[shard], generator=generator)[:n].sort().values.tolist()
+        return shard, rows
+
+    def chunks(self, batch_size: int) -> Iterator[tuple[int, list[int]]]:
+        """Every item once, in order, as ``(shard, rows)`` chunks of at most ``batch_size`` rows."""
+        for shard, size in enumerate(self.shard_sizes):
+            for lo in range(0, size, batch_size):
+                yield shard, list(range(lo, min(size, lo + batch_size)))
+
+    def mean_residuals(self) -> list[float]:
+        """The teacher's mean relative residual at each step k = 0..K over all items (for reports)."""
+        total = torch.zeros(self.steps + 1, dtype=torch.float64)
+        for shard in range(self.num_shards):
+            total += self.residuals(shard).double().sum(dim=0)
+        return (total / max(len(self), 1)).tolist()
+
+
+def sample_trajectories(
+    teacher: nn.Module,
+    inputs: Iterable[Any],
+    *,
+    steps: int,
+    solver: str = "anderson",
+    solver_options: Optional[dict] = None,
+    z0: str = "zeros",
+    p_aug: float = 0.0,
+    k_min: int = 1,
+    k_tail: int = 2,
+    cache_dir: Optional[str | Path] = None,
+    dtype: Any = None,
+    seed: int = 0,
+) -> Trajectories:
+    """Run the teacher's solver for ``steps`` = K steps per input batch and cache z_0..z_K (Alg. 4).
+
+    Args:
+        teacher: a :class:`~cdeq.models.DEQModel`; a frozen copy in eval mode is solved under
+            no_grad (``tol=0``, a fixed budget), so the teacher itself is never changed.
+        inputs: an iterable of batches ``x`` or ``(x, y)``; x a tensor or tuple of tensors. Its
+            order must be the same on a rerun (a shuffling loader cannot be resumed).
+        solver, solver_options: the :func:`cdeq.solve` solver and its options (e.g. ``m``, ``tau``).
+        z0: ``"zeros"`` (the teacher's ``init_state``, the paper's fixed z_0) or ``"gaussian"``
+            (z_0 ~ N(0, I), Algorithm 4 line 1; seeded per batch).
+        p_aug, k_min, k_tail: Eq. 13: z_k reads as z_K with probability ``p_aug`` for
+            k in [k_min, K - k_tail]; the mask is drawn here, the raw states are kept.
+        cache_dir: the cache folder; None uses a temporary folder removed with the returned object.
+            An existing cache is resumed if its settings match and is an error otherwise.
+        dtype: storage dtype of the states: None (the teacher's), "float16" or "bfloat16".
+        seed: seeds the Gaussian z_0 and the augmentation masks.
+    """
+    _check_sampling_args(steps, z0, p_aug, k_min, k_tail, dtype)
+    solver_options = dict(solver_options or {})
+    store_dtype = STORAGE_DTYPES[dtype] if (dtype is None or isinstance(dtype, str)) else dtype
+    tmp = None
+    if cache_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="cdeq-traj-")
+        cache_dir = tmp.name
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT_VERSION,
+        "teacher_hash": module_hash(teacher),
+        "solver": solver,
+        "solver_options": json.loads(json.dumps(solver_options)),
+        "steps": steps,
+        "z0": z0,
+        "p_aug": float(p_aug),
+        "k_min": k_min,
+        "k_tail": k_tail,
+        "dtype": _dtype_name(dtype),
+        "seed": seed,
+        "time_map": "state k = teacher iterate after k calls of f; t_k by the student's Eq. 6",
+    }
+    meta_path = root / META_FILE
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        diff = [k for k in _CHECKED_KEYS if old.get(k) != meta[k]]
+        if diff:
+            detail = ", ".join(f"{k}: cache {old.get(k)!r} vs requested {meta[k]!r}" for k in diff)
+            raise ValueError(f"cache_dir: the trajectory cache at {root} was sampled with other settings ({detail}); "
+                             "use another cache_dir or delete this one")
+        if old.get("complete"):
+            return Trajectories(root, old, tmp)
+    atomic_write_json(meta_path, {**meta, "complete": False})
+
+    from cdeq.norm import reset_norm
+
+    model = copy.deepcopy(teacher).eval().requires_grad_(False)
+    reset_norm(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sizes: list[int] = []
+    layout_info: Optional[dict] = None
+    for index, batch in enumerate(inputs):
+        x, y = _split_batch(batch, index)
+        path = root / f"shard-{index:06d}.safetensors"
+        x_hash = _tensor_hash(x)
+        if path.exists():
+            with safe_open(str(path), framework="pt") as h:
+                md = h.metadata()
+            if md.get("input_hash") != x_hash:
+                raise ValueError(f"inputs: batch {index} differs from the one cached in {path.name}; the loader's "
+                                 "order changed between runs (use a deterministic loader, e.g. shuffle=False)")
+            sizes.append(int(md["items"]))
+            layout_info = layout_info or json.loads(md["layout"])
+            continue
+        lay = _write_shard(model, x, y, index, path, x_hash, device, steps, solver, solver_options, z0,
+                           p_aug, k_min, k_tail, store_dtype, seed)
+        if layout_info is not None and (lay["state_shapes"], lay["state_is_tuple"]) != (
+                layout_info["state_shapes"], layout_info["state_is_tuple"]):
+            raise ValueError(f"inputs: batch {index} gives states of shape {lay['state_shapes']} (per item), "
+                             f"batch 0 gave {layout_info['state_shapes']}; every batch must give the same shapes")
+        layout_info = layout_info or lay
+        sizes.append(lay["items"])
+    if not sizes:
+        raise ValueError("inputs: the iterable yielded no batch")
+    final = {**meta, "complete": True, "shard_sizes": sizes, "state_shapes": layout_info["state_shapes"],
+             "state_is_tuple": layout_info["state_is_tuple"], "x_parts": layout_info["x_parts"],
+             "has_labels": layout_info["has_labels"]}
+    atomic_write_json(meta_path, final)
+    return Trajectories(root, final, tmp)
+
+
+def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path: Path, x_hash: str,
+                 device: torch.device, steps: int, solver: str, solver_options: dict, z0_mode: str,
+                 p_aug: float, k_min: int, k_tail: int, store_dtype: Optional[torch.dtype], seed: int) -> dict:
+    """Solve one input batch with the teacher and write its shard atomically; returns its layout."""
+    from cdeq import solve
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    xd = map_state(lambda t: t.to(device), x)
+    with torch.no_grad():
+        u = model.inject(xd)
+        z0 = model.init_state(u)
+        if z0_mode == "gaussian":
+            z0 = map_state(lambda p: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), z0)
+        layout = StateLayout(z0, "teacher.init_state(u)")
+        _, info = solve(lambda z: model.layer(z, u), z0, solver=solver, max_iter=steps, tol=0.0,
+                        return_states="all", trace=True, **solver_options)
+    B = layout.batch_size
+    residual = torch.cat([info.trace, info.rel_residual.unsqueeze(0)], dim=0).t().float().cpu()
+    tensors: dict[str, Tensor] = {}
+    for i in range(len(layout.shapes)):
+        stacked = torch.stack([as_tuple(s)[i] for s in info.states], dim=1)  # (B, K+1, ...)
+        tensors[f"z.{i}"] = stacked.to(store_dtype or stacked.dtype).cpu().contiguous()
+    x_parts = len(x) if isinstance(x, (tuple, list)) else 0
+    if x_parts:
+        for i, part in enumerate(x):
+            tensors[f"x.{i}"] = part.detach().cpu().contiguous()
+    else:
+        tensors["x"] = x.detach().cpu().contiguous()
+    if y is not None:
+        tensors["y"] = y.detach().cpu().contiguous()
+    tensors["residual"] = residual.contiguous()
+    tensors["aug"] = _augmentation_mask(B, steps, p_aug, k_min, k_tail, gen)
+    lay = {"items": B, "state_shapes": [list(s[1:]) for s in layout.shapes], "state_is_tuple": layout.is_tuple,
+           "x_parts": x_parts, "has_labels": y is not None}
+    md = {"input_hash": x_hash, "items": str(B), "layout": json.dumps(lay)}
+    atomic_write_bytes(path, safetensors_save(tensors, metadata=md))
+    return lay

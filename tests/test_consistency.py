@@ -1,0 +1,361 @@
+"""C-DEQ student, schedules and distillation (Eq. 5-11, Algorithms 1-2) on toy DEQs.
+
+The toy DEQs here are shared with test_trajectories, test_hyperdeq and test_direct.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cdeq
+from cdeq.consistency.distill import check_state_shapes, distill, equilibrium_error, teacher_error
+from cdeq.consistency.schedule import TimeSchedule
+from cdeq.consistency.student import ConsistencyDEQ, anderson_step
+from cdeq.consistency.trajectories import sample_trajectories
+from cdeq.models.protocol import DEQModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is much faster on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class ToyDEQ(DEQModel):
+    """z* = tanh(W z* + U x), ||W||_2 = contraction < 1 (a contraction); logits = head(z)."""
+
+    feature_dim = -1
+
+    def __init__(self, d_in: int = 8, d: int = 32, classes: int = 4, contraction: float = 0.9, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.U = nn.Linear(d_in, d)
+        self.W = nn.Parameter(torch.randn(d, d, generator=g))
+        self.head = nn.Linear(d, classes)
+        with torch.no_grad():
+            self.W.mul_(contraction / torch.linalg.matrix_norm(self.W, 2))
+            self.U.weight.copy_(torch.randn(d, d_in, generator=g) * 1.5 / math.sqrt(d_in))
+            self.U.bias.zero_()
+            self.head.weight.copy_(torch.randn(classes, d, generator=g))
+            self.head.bias.zero_()
+
+    def inject(self, x):
+        return self.U(x)
+
+    def layer(self, z, u):
+        return torch.tanh(z @ self.W.t() + u)
+
+    def readout(self, z):
+        return self.head(z)
+
+    def init_state(self, u):
+        return torch.zeros_like(u)
+
+
+class ToyTupleDEQ(DEQModel):
+    """A two-part state (B, 3, 4) and (B, 5, 2), features on dim 1 (like MDEQ's branches)."""
+
+    feature_dim = 1
+
+    def __init__(self, d_in: int = 6, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        n = 3 * 4 + 5 * 2
+        self.U = nn.Linear(d_in, n)
+        self.W = nn.Parameter(torch.randn(n, n, generator=g))
+        with torch.no_grad():
+            self.W.mul_(0.8 / torch.linalg.matrix_norm(self.W, 2))
+        self.head = nn.Linear(n, 3)
+
+    def inject(self, x):
+        return self.U(x)
+
+    def _split(self, flat):
+        return flat[:, :12].reshape(-1, 3, 4), flat[:, 12:].reshape(-1, 5, 2)
+
+    def layer(self, z, u):
+        flat = torch.cat([z[0].flatten(1), z[1].flatten(1)], dim=1)
+        return self._split(torch.tanh(flat @ self.W.t() + u))
+
+    def readout(self, z):
+        return self.head(torch.cat([z[0].flatten(1), z[1].flatten(1)], dim=1))
+
+    def init_state(self, u):
+        return self._split(torch.zeros_like(u))
+
+
+class ToyGraphDEQ(DEQModel):
+    """One graph: x (1, N, F), state (1, N, d), z* = tanh(A z* W + x U) on a ring graph."""
+
+    feature_dim = -1
+
+    def __init__(self, n: int = 20, f: int = 5, d: int = 8, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        adj = torch.eye(n) + torch.roll(torch.eye(n), 1, 0) + torch.roll(torch.eye(n), -1, 0)
+        self.register_buffer("adj", adj / 3.0)
+        self.U = nn.Linear(f, d)
+        self.W = nn.Parameter(torch.randn(d, d, generator=g))
+        with torch.no_grad():
+            self.W.mul_(0.8 / torch.linalg.matrix_norm(self.W, 2))
+        self.head = nn.Linear(d, 3)
+
+    def inject(self, x):
+        return self.U(x)
+
+    def layer(self, z, u):
+        return torch.tanh(self.adj @ z @ self.W + u)
+
+    def readout(self, z):
+        return self.head(z)
+
+    def init_state(self, u):
+        return torch.zeros_like(u)
+
+
+def toy_batches(teacher: ToyDEQ, n: int = 1024, batch: int = 128, seed: int = 1, d_in: int = 8):
+    """Synthetic inputs with the teacher's own equilibrium predictions as labels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    with torch.no_grad():
+        u = teacher.inject(x)
+        z, _ = cdeq.solve(lambda z: teacher.layer(z, u), teacher.init_state(u), max_iter=100, tol=1e-7)
+        y = teacher.readout(z).argmax(-1)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def toy_trajectories(teacher: nn.Module, batches, steps: int = 20, **kw):
+    return sample_trajectories(teacher, batches, steps=steps, solver_options={"m": 5}, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_time_maps_and_coefficients_match_eq5_eq6_b3():
+    s = TimeSchedule(eps=0.02, T=2.0, gamma=1.5, rho=0.3, beta=0.6)
+    for t in [0.02, 0.5, 1.3, 2.0]:
+        expect = ((t - 0.02) / (2.0 - 0.02)) ** 1.5
+        assert s.c_skip(t) == pytest.approx(expect)
+        assert s.c_out(t) == pytest.approx(1 - expect)
+    for k in [0, 1, 5, 40]:
+        assert s.train_time(k) == pytest.approx(0.02 + (1 - math.exp(-0.3 * k)) * 1.98)
+    ks = torch.tensor([0, 1, 5])
+    assert torch.allclose(s.train_time(ks), torch.tensor([s.train_time(int(k)) for k in ks]), atol=1e-6)
+    times = s.inference_times(4)
+    assert times == pytest.approx([0.02 + (1 - 0.6**j) * 1.98 for j in range(4)])
+    assert times[0] == 0.02
+    aligned = TimeSchedule(eps=0.02, T=2.0, rho=0.3)  # beta = e^{-rho}: inference step j at t_j of Eq. 6
+    assert aligned.inference_times(5) == pytest.approx([aligned.train_time(j) for j in range(5)])
+    assert s.c_skip(2.0) == 1.0 and s.c_skip(0.02) == 0.0
+
+
+def test_schedule_rejects_bad_values():
+    s = TimeSchedule()
+    with pytest.raises(ValueError, match="t: times must lie in"):
+        s.c_skip(s.T + 0.5)
+    with pytest.raises(ValueError, match="steps"):
+        s.inference_times(0)
+    with pytest.raises(ValueError, match="schedule"):
+        s.inference_times(2, [s.eps, s.T + 1])
+    with pytest.raises(ValueError, match="schedule: expected 3"):
+        s.inference_times(3, [s.eps, s.T])
+    for bad in [dict(eps=1.0, T=1.0), dict(gamma=0.5), dict(rho=0.0), dict(beta=1.0)]:
+        with pytest.raises(ValueError):
+            TimeSchedule(**bad)
+
+
+def test_student_starts_as_teacher_and_meets_boundary_condition():
+    teacher = ToyDEQ()
+    student = ConsistencyDEQ(teacher, eps=0.01, T=1.0)
+    x = torch.randn(5, 8)
+    u = student.inject(x)
+    z = torch.randn(5, 32)
+    for t in [0.01, 0.4, 1.0]:  # W = [I | 0]: h = f whatever the time
+        assert torch.allclose(student.h(z, t, u), teacher.layer(z, teacher.inject(x)), atol=1e-6)
+    with torch.no_grad():
+        student.proj[0].weight.normal_()  # boundary condition holds for any h
+        hz = student.h(z, 1.0, u)
+        assert torch.equal(student.g(z, 1.0, hz), z)
+        assert torch.equal(student.g(z, 1.0, hz, z + 1, hz), z)
+    with pytest.raises(ValueError, match="times must lie in"):
+        student.h(z, 1.5, u)
+    with pytest.raises(ValueError, match="steps"):
+        student.infer(x, steps=0)
+    with pytest.raises(ValueError, match="structure"):
+        ConsistencyDEQ(teacher, structure="broyden")
+
+
+def test_anderson_step_with_exact_h_is_two_step_anderson():
+    """Eq. 7 with h = f on a linear problem == classic Anderson with a two-iterate history."""
+    torch.manual_seed(0)
+    n = 6
+    A = torch.randn(n, n, dtype=torch.float64)
+    A = 0.7 * A / torch.linalg.matrix_norm(A, 2)
+    b = torch.randn(3, n, dtype=torch.float64)
+    f = lambda z: z @ A.t() + b  # noqa: E731
+    for beta in (1.0, 0.6):
+        _, info = cdeq.solve(f, torch.zeros(3, n, dtype=torch.float64), solver="anderson", m=2, tau=beta, lam=0.0,
+                             max_iter=4, tol=0.0, return_states="all")
+        zs = info.states
+        for k in (1, 2, 3):
+            z, zp = zs[k], zs[k - 1]
+            ours = anderson_step(z, f(z), zp, f(zp), beta_aa=beta, lam=0.0)
+            # Walker & Ni's difference form of AA(1): gamma = <r_k, dr> / <dr, dr>
+            r, rp = f(z) - z, f(zp) - zp
+            dr, dz = r - rp, z - zp
+            gamma = (r * dr).sum(1, keepdim=True) / (dr * dr).sum(1, keepdim=True)
+            classic = z + beta * r - gamma * (dz + beta * dr)
+            assert torch.allclose(ours, classic, atol=1e-10)
+            assert torch.allclose(ours, zs[k + 1], atol=1e-10)
+
+
+def _count_layer_calls(module: DEQModel) -> list[int]:
+    calls = [0]
+    layer = module.layer
+
+    def counted(z, u):
+        calls[0] += 1
+        return layer(z, u)
+
+    module.layer = counted
+    return calls
+
+
+@pytest.mark.parametrize("structure", ["anderson", "plain"])
+def test_inference_costs_one_network_evaluation_per_step(structure):
+    student = ConsistencyDEQ(ToyDEQ(), structure=structure)
+    x = torch.randn(4, 8)
+    student.build(x)
+    calls = _count_layer_calls(student.backbone)
+    for J in (1, 2, 5):
+        calls[0] = 0
+        z = student.infer(x, steps=J)
+        assert calls[0] == J and student.nfe == J
+        assert z.shape == (4, 32)
+    calls[0] = 0
+    assert student.predict(x, steps=3).shape == (4, 4) and calls[0] == 3
+
+
+def test_nfe1_is_h_at_z0_and_custom_schedule():
+    teacher = ToyDEQ()
+    student = ConsistencyDEQ(teacher, eps=0.05)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        u = teacher.inject(x)
+        assert torch.allclose(student.infer(x, steps=1), teacher.layer(teacher.init_state(u), u), atol=1e-6)
+    out = student.infer(x, steps=2, schedule=[0.05, 0.5])
+    assert out.shape == (4, 32)
+    with pytest.raises(ValueError, match="schedule"):
+        student.infer(x, steps=2, schedule=[0.05, 1.5])
+
+
+def test_state_dict_round_trip_builds_w():
+    teacher = ToyDEQ()
+    a = ConsistencyDEQ(teacher, example=torch.randn(2, 8))
+    with torch.no_grad():
+        a.proj[0].weight.add_(0.1 * torch.randn_like(a.proj[0].weight))
+    b = ConsistencyDEQ(teacher)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 8)
+    assert torch.allclose(a.infer(x, steps=3), b.infer(x, steps=3))
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distilled():
+    torch.manual_seed(0)
+    teacher = ToyDEQ()
+    train = toy_trajectories(teacher, toy_batches(teacher, n=1024, seed=1))
+    test = toy_trajectories(teacher, toy_batches(teacher, n=512, seed=2))
+    out = {"teacher": teacher, "test": test}
+    for structure in ("anderson", "plain"):
+        student = ConsistencyDEQ(teacher, structure=structure)
+        distill(student, train, steps=600, lambda_task=0.0, rollout_steps=4, progress=False, eval_nfes=())
+        out[structure] = equilibrium_error(lambda x, k: student.infer(x, steps=k), test, [1, 2, 4])
+    return out
+
+
+def test_distilled_student_beats_teacher_at_one_step_and_improves_with_steps(distilled):
+    teacher_err = teacher_error(distilled["test"], [1, 2, 4])
+    err = distilled["anderson"]
+    assert err[1] * 3 <= teacher_err[1], (err, teacher_err)
+    assert err[1] > err[2] > err[4], err
+
+
+def test_plain_ablation_runs_beside(distilled):
+    teacher_err = teacher_error(distilled["test"], [1])
+    plain = distilled["plain"]
+    assert plain[1] * 2 <= teacher_err[1], (plain, teacher_err)
+    assert plain[4] < plain[1]
+
+
+def test_distill_rejects_other_teacher_and_wrong_shapes():
+    teacher = ToyDEQ()
+    traj = toy_trajectories(teacher, toy_batches(teacher, n=64, batch=32), steps=4)
+    other = ConsistencyDEQ(ToyDEQ(seed=1))
+    with pytest.raises(ValueError, match="another teacher"):
+        distill(other, traj, steps=1, progress=False)
+    with pytest.raises(ValueError, match="wrong shape"):
+        check_state_shapes(torch.zeros(2, 31), traj)
+    with pytest.raises(ValueError, match="lambda_global"):
+        distill(ConsistencyDEQ(teacher), traj, steps=1, lambda_global=1.5)
+
+
+def test_distill_resumes_after_a_kill(tmp_path, monkeypatch):
+    teacher = ToyDEQ()
+    traj = toy_trajectories(teacher, toy_batches(teacher, n=128, batch=64), steps=6)
+    kw = dict(steps=12, checkpoint_every=4, progress=False, eval_nfes=(), rollout_steps=2)
+    ref = ConsistencyDEQ(teacher)
+    distill(ref, traj, checkpoint_dir=tmp_path / "ref", **kw)
+
+    student = ConsistencyDEQ(teacher)
+    sample, calls = traj.sample, [0]
+
+    def dying_sample(*a, **k):
+        calls[0] += 1
+        if calls[0] == 7:
+            raise KeyboardInterrupt("killed")
+        return sample(*a, **k)
+
+    monkeypatch.setattr(traj, "sample", dying_sample)
+    with pytest.raises(KeyboardInterrupt):
+        distill(student, traj, checkpoint_dir=tmp_path / "run", **kw)
+    monkeypatch.setattr(traj, "sample", sample)
+    resumed = ConsistencyDEQ(teacher)
+    result = distill(resumed, traj, checkpoint_dir=tmp_path / "run", **kw)
+    assert result["history"][-1]["step"] == 12
+    for (name, p), q in zip(ref.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="other settings"):
+        distill(ConsistencyDEQ(teacher), traj, checkpoint_dir=tmp_path / "run", **{**kw, "lr": 0.5})
+
+
+def test_tuple_state_student_runs_infer_predict_distill():
+    teacher = ToyTupleDEQ()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    traj = sample_trajectories(teacher, batches, steps=5)
+    student = ConsistencyDEQ(teacher)
+    result = distill(student, traj, steps=5, batch_size=8, progress=False, eval_nfes=(1, 2))
+    assert len(student.proj) == 2
+    z = student.infer(batches[0][0], steps=3)
+    assert isinstance(z, tuple) and z[0].shape == (16, 3, 4) and z[1].shape == (16, 5, 2)
+    assert student.predict(batches[0][0], steps=2).shape == (16, 3)
+    assert set(result["eval"]["student"]) == {1, 2}
+
+
+def test_one_graph_student_runs_infer_predict_distill():
+    teacher = ToyGraphDEQ()
+    x = torch.randn(1, 20, 5)
+    y = torch.randint(0, 3, (20,))
+    y[::4] = -100
+    traj = sample_trajectories(teacher, [(x, y)], steps=6)
+    student = ConsistencyDEQ(teacher)
+    result = distill(student, traj, steps=6, batch_size=4, progress=False)
+    assert "task" in result["history"][-1]
+    assert student.infer(x, steps=2).shape == (1, 20, 8)
+    assert student.predict(x, steps=2).shape == (1, 20, 3)
