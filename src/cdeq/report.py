@@ -1,0 +1,149 @@
+"""The paper-style table (C-DEQ Tables 1-3) and figures (Figures 2-3) of one pipeline run.
+
+``table.json`` is the source of truth; ``table.md`` and the PNG figures are rebuilt from it by
+:func:`write_report` (``cdeq report RUN_DIR``). Its form is binding (tools outside this repository
+read it): top-level ``task``, ``command``, ``device``, ``commit``, ``seed``, ``teacher_converged``
+({``nfe``, ``value``}), ``metric`` and ``rows``, a list of {``method``, ``nfe``, ``value``,
+``rel_residual``, ``time_ms``, ``params``} (plus ``peak_mem_mb``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cdeq.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+METHODS = ("teacher-anderson", "teacher-fixed-point", "hyperdeq", "cdeq", "cdeq-plain", "direct", "explicit")
+REQUIRED_KEYS = ("task", "command", "device", "commit", "seed", "teacher_converged", "metric", "rows")
+ROW_KEYS = ("method", "nfe", "value", "rel_residual", "time_ms", "params")
+
+
+def validate_table(table: dict[str, Any]) -> None:
+    """Raise ValueError unless ``table`` has the binding form of ``table.json``."""
+    missing = [k for k in REQUIRED_KEYS if k not in table]
+    if missing:
+        raise ValueError(f"table: missing top-level keys {missing}")
+    if table["metric"] not in ("accuracy", "perplexity"):
+        raise ValueError(f"table['metric']: expected 'accuracy' or 'perplexity', got {table['metric']!r}")
+    if set(table["teacher_converged"]) < {"nfe", "value"}:
+        raise ValueError("table['teacher_converged']: expected keys 'nfe' and 'value'")
+    for i, row in enumerate(table["rows"]):
+        absent = [k for k in ROW_KEYS if k not in row]
+        if absent:
+            raise ValueError(f"table['rows'][{i}]: missing keys {absent}")
+        if row["method"] not in METHODS:
+            raise ValueError(f"table['rows'][{i}]['method']: expected one of {METHODS}, got {row['method']!r}")
+        if (row["method"] == "explicit") != (row["nfe"] is None):
+            raise ValueError(f"table['rows'][{i}]: explicit rows (and only they) have nfe null")
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(table: dict[str, Any]) -> str:
+    """The table as markdown, rows grouped by NFE like the paper's Tables 1-3."""
+    acc = table["metric"] == "accuracy"
+    metric = "Test acc. (%) ↑" if acc else "Test PPL ↓"
+    tc = table["teacher_converged"]
+    lines = [
+        f"## {table['task']}: quality against solver steps",
+        "",
+        f"Converged teacher: {metric.split(' ')[0]} "
+        f"{_fmt(tc['value'] * 100 if acc else tc['value'], '.2f')} at {_fmt(tc['nfe'], '.1f')} NFE "
+        f"(device {table['device']}, seed {table['seed']}, commit {str(table['commit'])[:10]}).",
+        "",
+        f"| Method | # Params | NFE | {metric} | Rel. residual | Time / batch (ms) | Peak mem (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    def order(row: dict[str, Any]) -> tuple:
+        return (-1 if row["nfe"] is None else row["nfe"], METHODS.index(row["method"]))
+    for row in sorted(table["rows"], key=order):
+        value = row["value"] * 100 if acc else row["value"]
+        lines.append(
+            f"| {row['method']} | {row['params'] / 1e3:.1f}K | {_fmt(row['nfe'], 'd')} | {value:.2f} | "
+            f"{_fmt(row['rel_residual'], '.2e')} | {_fmt(row['time_ms'], '.2f')} | {_fmt(row.get('peak_mem_mb'), '.1f')} |"
+        )
+    lines += ["", f"Command: `{table['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _series(table: dict[str, Any], method: str, key: str) -> tuple[list, list]:
+    rows = sorted((r for r in table["rows"] if r["method"] == method and r["nfe"] is not None), key=lambda r: r["nfe"])
+    return [r["nfe"] if key != "time_ms" else r["time_ms"] for r in rows], [r["value"] if key != "rel_residual" else r["rel_residual"] for r in rows]
+
+
+def write_figures(table: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Quality and residual against NFE (Figure 2), quality against wall time, and the Anderson
+    ablation (Figure 3), as PNG files in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if m != "explicit" and any(r["method"] == m for r in table["rows"])]
+    explicit = [r for r in table["rows"] if r["method"] == "explicit"]
+    ylabel = "test accuracy" if table["metric"] == "accuracy" else "test perplexity"
+    written = []
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+
+    def reference_lines(ax) -> None:
+        ax.axhline(table["teacher_converged"]["value"], ls=":", c="k", label="converged teacher")
+        for r in explicit:
+            ax.axhline(r["value"], ls="--", c="grey", label="explicit")
+
+    panels = [
+        ("quality_vs_nfe.png", "nfe", "NFE", ylabel, methods, True),
+        ("residual_vs_nfe.png", "rel_residual", "NFE", "relative residual ||f(z)-z||/||f(z)||", methods, False),
+        ("quality_vs_time.png", "time_ms", "inference time per batch (ms)", ylabel, methods, True),
+        ("anderson_ablation.png", "nfe", "NFE", ylabel, [m for m in ("teacher-anderson", "cdeq-plain", "cdeq") if m in methods], True),
+    ]
+    for name, key, xlabel, ylab, group, with_refs in panels:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for m in group:
+            xs, ys = _series(table, m, key)
+            if key == "rel_residual":
+                xs, _ = _series(table, m, "nfe")
+                pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
+                xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=m)
+        if with_refs:
+            reference_lines(ax)
+        ax.set_xscale("log", base=2) if key != "time_ms" else ax.set_xscale("log")
+        if key == "rel_residual" or table["metric"] == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylab)
+        ax.set_title(f"{table['task']} ({table['device']})")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        save(fig, name)
+    return written
+
+
+def write_report(run_dir: str | Path, table: dict[str, Any] | None = None, figures: bool = True) -> dict[str, Any]:
+    """Write ``table.json`` (when given), then rebuild ``table.md`` and the figures from it."""
+    run_dir = Path(run_dir)
+    if table is not None:
+        validate_table(table)
+        atomic_write_json(run_dir / "table.json", table)
+    path = run_dir / "table.json"
+    if not path.exists():
+        raise FileNotFoundError(f"run_dir: no table.json in {run_dir} (run `cdeq run TASK --out {run_dir}` first)")
+    table = json.loads(path.read_text())
+    validate_table(table)
+    atomic_write_text(run_dir / "table.md", markdown_table(table))
+    if figures:
+        write_figures(table, run_dir)
+    return table
