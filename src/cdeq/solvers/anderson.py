@@ -18,19 +18,19 @@ from cdeq.solvers.base import FlatFn, Monitor, ReturnStates, SolverInfo, vector_
 from cdeq.solvers.fixed_point import check_tau
 
 
-def _weights(gram: Tensor, last: int, lam: float) -> Tensor:
-    """alpha = H^{-1} 1 / (1^T H^{-1} 1) per sample; where H is singular or alpha non-finite the
-    sample falls back to alpha = e_last, a damped fixed-point step. No host sync."""
-    B, n, _ = gram.shape
+# |alpha| above this means a (near-)singular or non-finite solve; with lam > 0, |alpha| <= sqrt(m / lam).
+ALPHA_LIMIT = 1e6
+
+
+def _weights(gram: Tensor, lam: float, ones: Tensor, fallback: Tensor) -> Tensor:
+    """alpha = H^{-1} 1 / (1^T H^{-1} 1) per sample, H = gram + lam * mean(diag(gram)) * I; where
+    H is singular or alpha non-finite or huge, the sample takes ``fallback`` (e_last: a damped
+    fixed-point step). No host sync."""
     H = gram.clone()
-    scale = lam * gram.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True)
-    H.diagonal(dim1=1, dim2=2).add_(scale)
-    beta, err = torch.linalg.solve_ex(H, torch.ones(B, n, 1, dtype=gram.dtype, device=gram.device))
-    alpha = beta.squeeze(2) / beta.sum(dim=1)
-    ok = (err == 0) & torch.isfinite(alpha).all(dim=1)
-    fallback = torch.zeros_like(alpha)
-    fallback[:, last] = 1
-    return torch.where(ok.unsqueeze(1), alpha, fallback)
+    H.diagonal(dim1=1, dim2=2).add_(gram.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True), alpha=lam)
+    beta = torch.linalg.solve_ex(H, ones)[0].squeeze(2)
+    alpha = beta / beta.sum(dim=1, keepdim=True)
+    return torch.where(alpha.abs().amax(dim=1, keepdim=True) <= ALPHA_LIMIT, alpha, fallback)
 
 
 def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
@@ -46,9 +46,11 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     B, N = z0.shape
     m = min(m, max_iter)
     work = torch.float64 if z0.dtype == torch.float64 else torch.float32
-    G = z0.new_empty(B, m, N)
-    Y = z0.new_empty(B, m, N)
+    G = z0.new_empty(B, m, N)  # ring buffer of g_i
+    Y = z0.new_empty(B, m, N)  # ring buffer of y_i = z_i + tau g_i
     gram = torch.zeros(B, m, m, dtype=work, device=z0.device)
+    ones = torch.ones(B, m, 1, dtype=work, device=z0.device)
+    eye = torch.eye(m, dtype=work, device=z0.device)
     buffers = (z0.new_empty(B, N), z0.new_empty(B, N))
     z, k = z0, 0
     while k < max_iter:
@@ -57,8 +59,11 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         k += 1
         g, y = G[:, s], Y[:, s]
         torch.sub(fz, z, out=g)
-        torch.lerp(z, fz, tau, out=y)
-        row = torch.bmm(G[:, :n], g.unsqueeze(2)).squeeze(2).to(work)
+        if tau == 1:
+            y.copy_(fz)
+        else:
+            torch.lerp(z, fz, tau, out=y)
+        row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1).to(work)
         gram[:, s, :n] = row
         gram[:, :n, s] = row
         advance = mon.observe(k, row[:, s].sqrt(), vector_norm(fz) if mon.needs_rel else None)
@@ -66,7 +71,7 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         if n == 1:
             out.copy_(y)
         else:
-            alpha = _weights(gram[:, :n, :n], s, lam).to(z0.dtype)
+            alpha = _weights(gram[:, :n, :n], lam, ones[:, :n], eye[s, :n]).to(z0.dtype)
             torch.bmm(alpha.unsqueeze(1), Y[:, :n], out=out.unsqueeze(1))
         z = torch.where(advance, out, z, out=out)
         mon.record(k, z)

@@ -204,8 +204,9 @@ class Monitor:
 
     A solver calls :meth:`observe` after the k-th call of ``f`` with the residual of z_{k-1}; it
     gets back the ``(B, 1)`` mask of samples whose iterate may advance to z_k (the others are
-    frozen at z_{k-1}: it met tol, or diverged, now or before), then calls
-    :meth:`record` with z_k and stops when :meth:`done` says so. Without host sync when tol = 0.
+    frozen at z_{k-1}: it met tol, or diverged, now or before), then calls :meth:`record` with
+    z_k and stops when :meth:`done` says so. A handful of tiny ops per step, no host sync when
+    tol = 0; ``steps`` and ``diverged`` are derived once in :meth:`finish`.
     """
 
     def __init__(self, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str,
@@ -213,14 +214,14 @@ class Monitor:
         B, dev = z0.shape[0], z0.device
         self.tol, self.stop_abs = tol, stop_mode == "abs"
         self.active = torch.ones(B, dtype=torch.bool, device=dev)
-        self.diverged = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.steps = torch.zeros(B, dtype=torch.long, device=dev)
+        self.healthy = torch.ones(B, dtype=torch.bool, device=dev)  # never non-finite or far above r0
+        self.count = torch.zeros(B, dtype=torch.long, device=dev)  # NFE while active
         self.trace = torch.empty(max_iter, B, device=dev) if trace else None
         self.keep_all = return_states == "all"
         self.keep = set() if return_states is None or self.keep_all else set(return_states)
         self.requested = return_states
         self.states: dict[int, Tensor] = {}
-        self.r0: Optional[Tensor] = None
+        self.limit: Optional[Tensor] = None
         self.needs_rel = trace or not self.stop_abs
         self.record(0, z0)
 
@@ -231,14 +232,14 @@ class Monitor:
             if self.trace is not None:
                 self.trace[k - 1] = rel
         r = abs_r if self.stop_abs else rel
-        if self.r0 is None:
-            self.r0 = abs_r
-        bad = ~torch.isfinite(abs_r) | ((abs_r > DIVERGENCE_RATIO * self.r0) & (self.r0 > 0))
-        new_div = self.active & bad
-        new_conv = self.active & ~bad & (r <= self.tol)
-        self.steps.masked_fill_(new_conv, k)
-        self.diverged |= new_div
-        self.active &= ~(new_div | new_conv)
+        if self.limit is None:  # residual above this (or NaN) = diverged; none if r0 = 0 or non-finite
+            big = torch.finfo(abs_r.dtype).max
+            self.limit = torch.where(abs_r > 0, DIVERGENCE_RATIO * abs_r, big).clamp(max=big)
+        self.count += self.active
+        ok = abs_r <= self.limit
+        self.healthy &= ok
+        self.active &= ok
+        self.active &= r > self.tol
         return self.active.unsqueeze(1)
 
     def record(self, k: int, z: Tensor) -> None:
@@ -252,7 +253,8 @@ class Monitor:
 
     def finish(self, z: Tensor, nfe: int) -> SolverInfo:
         """The solver's part of :class:`SolverInfo` (residual fields are filled by :func:`solve`)."""
-        steps = torch.where(self.steps > 0, self.steps, torch.full_like(self.steps, nfe))
+        met_tol = ~self.active & self.healthy
+        steps = torch.where(met_tol, self.count, torch.full_like(self.count, nfe))
         if self.keep_all:
             states = [self.states[k] for k in range(nfe + 1)]
         elif self.requested is None:
@@ -260,4 +262,4 @@ class Monitor:
         else:
             states = [self.states[k] if k in self.states else z.clone() for k in self.requested]
         trace = self.trace[:nfe] if self.trace is not None else None
-        return SolverInfo(nfe=nfe, steps=steps, diverged=self.diverged, trace=trace, states=states)
+        return SolverInfo(nfe=nfe, steps=steps, diverged=~self.healthy, trace=trace, states=states)

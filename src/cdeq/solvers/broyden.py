@@ -17,7 +17,7 @@ from cdeq.solvers.base import FlatFn, Monitor, ReturnStates, SolverInfo, vector_
 
 def _low_rank(A: Tensor, C: Tensor, x: Tensor) -> Tensor:
     """sum_i a_i (c_i . x) for the rows a_i of A and c_i of C, each ``(B, j, N)``; x ``(B, N)``."""
-    coef = torch.bmm(C, x.unsqueeze(2)).transpose(1, 2)
+    coef = torch.bmm(x.unsqueeze(1), C.transpose(1, 2))  # (B, 1, j); far faster on CPU than C @ x
     return torch.bmm(coef, A).squeeze(1)
 
 
