@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdeq.consistency.distill import check_state_shapes, to_device
+from cdeq.consistency.distill import prepare, to_device
 from cdeq.consistency.losses import mean_square, state_distance
-from cdeq.consistency.loop import OptimConfig, run
+from cdeq.consistency.loop import check_int, optim_config, run
 from cdeq.consistency.trajectories import Trajectories
 from cdeq.state import State, StateLayout, as_tuple
 
@@ -203,37 +203,24 @@ def train_hyperdeq(
     init_weight: float = 1.0,
     lr: float = 1e-3,
     batch_size: int = 64,
-    weight_decay: float = 0.0,
-    grad_clip: Optional[float] = 1.0,
-    lr_schedule: str = "cosine",
-    warmup: int = 0,
     checkpoint_dir: Optional[str] = None,
-    checkpoint_every: int = 500,
     resume: bool = True,
     device: Optional[str | torch.device] = None,
     seed: int = 0,
-    log_every: int = 50,
-    progress: bool = True,
+    **optim: Any,
 ) -> list[dict]:
     """Train ``hyper`` on the teacher's fixed points z* = z_K of ``trajectories``.
 
     Loss: ``init_weight * d(z_0, z*) + mean_{k=1..train_nfe} d(z_k, z*)`` over the unrolled
     learned solver, d the MSE divided by the batch's mean square of z*. Checkpoints go to
     ``checkpoint_dir/hyperdeq.pt`` (resumed on a rerun). Returns the training history.
+    ``optim``: further :class:`cdeq.consistency.loop.OptimConfig` fields (grad_clip, lr_schedule, ...).
     """
     if not isinstance(trajectories, Trajectories):
         raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
-    if isinstance(train_nfe, bool) or not isinstance(train_nfe, int) or train_nfe < 1:
-        raise ValueError(f"train_nfe: expected an int >= 1, got {train_nfe!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    trajectories.check_teacher(hyper.teacher)
-    dev = torch.device(device) if device is not None else next(hyper.parameters()).device
-    hyper.to(dev)
-    x0 = to_device(trajectories.inputs(0, [0]), dev)
-    hyper.build(x0)
-    with torch.no_grad():
-        check_state_shapes(hyper.teacher.init_state(hyper.teacher.inject(x0)), trajectories)
+    check_int("train_nfe", train_nfe)
+    check_int("batch_size", batch_size)
+    dev = prepare(hyper, trajectories, device)
     K = trajectories.steps
 
     def step_fn(step: int, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -247,14 +234,11 @@ def train_hyperdeq(
         l_iter = torch.stack([state_distance(z, z_star, scale=scale) for z in zs[1:]]).mean()
         return init_weight * l_init + l_iter, {"init": float(l_init.detach()), "iterates": float(l_iter.detach())}
 
-    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, lr_schedule=lr_schedule, warmup=warmup,
-                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-                      checkpoint_every=checkpoint_every, resume=resume, seed=seed, log_every=log_every,
-                      progress=progress)
     config = {"kind": "hyperdeq", "teacher_hash": trajectories.meta["teacher_hash"], "m": hyper.m, "tau": hyper.tau,
               "steps": steps, "train_nfe": train_nfe, "init_weight": init_weight, "lr": lr,
               "batch_size": batch_size, "seed": seed}
     params = [p for p in hyper.parameters() if p.requires_grad]
+    cfg = optim_config(lr, checkpoint_dir, resume, seed, optim)
     history = run("hyperdeq", steps=steps, params=params, step_fn=step_fn, cfg=cfg, saved={"hyper": hyper},
                   config=config)
     hyper.eval()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cdeq.consistency.losses import DISTANCES, TaskLoss, cross_entropy, mean_square, relative_error, state_distance
-from cdeq.consistency.loop import OptimConfig, run
+from cdeq.consistency.loop import check_int, optim_config, run
 from cdeq.consistency.student import ConsistencyDEQ
 from cdeq.consistency.trajectories import Trajectories
 from cdeq.state import State, StateLayout, map_state
@@ -60,6 +60,19 @@ def check_state_shapes(student_state: State, traj: Trajectories) -> None:
     if shapes != [list(s) for s in traj.layout_shapes] or lay.is_tuple != traj.is_tuple:
         raise ValueError(f"trajectories: states of the wrong shape: the cache holds {traj.layout_shapes} "
                          f"(tuple={traj.is_tuple}) per item, the student's are {shapes} (tuple={lay.is_tuple})")
+
+
+def prepare(model: Any, trajectories: Trajectories, device: Optional[str | torch.device]) -> torch.device:
+    """Check that ``model`` (a student or HyperDEQ, with a frozen ``teacher`` copy) belongs to the
+    cache (same teacher, same state shapes), move it to ``device`` and build it; returns the device."""
+    trajectories.check_teacher(model.teacher)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    x0 = to_device(trajectories.inputs(0, [0]), dev)
+    model.build(x0)
+    with torch.no_grad():
+        check_state_shapes(model.teacher.init_state(model.teacher.inject(x0)), trajectories)
+    return dev
 
 
 def equilibrium_error(infer: Callable[[Any, int], State], trajectories: Trajectories, nfes: Sequence[int], *,
@@ -117,31 +130,26 @@ def distill(
     rollout_detach: bool = False,
     task_max_k: int = 2,
     task_loss: Optional[TaskLoss] = None,
-    weight_decay: float = 0.0,
-    grad_clip: Optional[float] = 1.0,
-    lr_schedule: str = "cosine",
-    warmup: int = 0,
     checkpoint_dir: Optional[str] = None,
-    checkpoint_every: int = 500,
     resume: bool = True,
     device: Optional[str | torch.device] = None,
     seed: int = 0,
-    log_every: int = 50,
-    progress: bool = True,
     eval_nfes: Sequence[int] = (1, 2, 4),
     eval_items: int = 512,
+    **optim: Any,
 ) -> dict:
     """Distil ``student`` on ``trajectories`` for ``steps`` optimiser steps (Algorithm 2, Eq. 11).
 
     Args (beyond the module docstring's): ``ema`` the target's rate mu; ``distance`` "mse" or
-    "huber" (``huber_delta``); ``normalize`` divides the distances by the batch's mean square of
-    z_K, so that their size, and the balance with ``lambda_task``, does not depend on the scale
-    of the states (the minimiser of each distance term is unchanged); ``include_k0`` draws k from {0..K} (else {1..K}, Algorithm 2 as
-    printed); ``rollout_steps`` J_train of self-rollout (0 = off), ``rollout_detach`` cuts the
+    "huber" (``huber_delta``); ``normalize`` divides the distances by the batch's mean square
+    of z_K, so that their size, and the balance with ``lambda_task``, does not depend on the
+    scale of the states (the minimiser of each distance term is unchanged); ``include_k0`` draws
+    k from {0..K} (else {1..K}, Algorithm 2 as printed); ``rollout_steps`` J_train of self-rollout (0 = off), ``rollout_detach`` cuts the
     gradient between rollout steps; ``task_loss(logits, y)`` defaults to cross-entropy ignoring
     -100; ``task_max_k`` the latest teacher step that gets the task loss (early times, B.4).
-    Optimiser and checkpoints: see :class:`cdeq.consistency.loop.OptimConfig`; a checkpoint is
-    ``checkpoint_dir/distill.pt`` and a rerun resumes it.
+    ``optim``: further :class:`cdeq.consistency.loop.OptimConfig` fields (weight_decay,
+    grad_clip=1.0, lr_schedule="cosine", warmup, checkpoint_every=500, log_every=50,
+    progress=True). A checkpoint is ``checkpoint_dir/distill.pt``; a rerun resumes it.
 
     Returns ``{"history": [...], "eval": {"student": {nfe: err}, "teacher": {nfe: err}}}``: the
     training log and the mean relative error to z_K at ``eval_nfes`` on up to ``eval_items`` items.
@@ -158,19 +166,11 @@ def distill(
         raise ValueError(f"lambda_task: expected a weight >= 0, got {lambda_task}")
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema: expected mu in [0, 1), got {ema}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if isinstance(rollout_steps, bool) or not isinstance(rollout_steps, int) or rollout_steps < 0:
-        raise ValueError(f"rollout_steps: expected an int >= 0, got {rollout_steps!r}")
+    check_int("batch_size", batch_size)
+    check_int("rollout_steps", rollout_steps, minimum=0)
     if not rollout_weight >= 0:
         raise ValueError(f"rollout_weight: expected a weight >= 0, got {rollout_weight}")
-    trajectories.check_teacher(student.teacher)
-    dev = torch.device(device) if device is not None else next(student.parameters()).device
-    student.to(dev)
-    x0 = to_device(trajectories.inputs(0, [0]), dev)
-    student.build(x0)
-    with torch.no_grad():
-        check_state_shapes(student.backbone.init_state(student.inject(x0)), trajectories)
+    dev = prepare(student, trajectories, device)
     task_fn = task_loss or cross_entropy
     has_labels = bool(trajectories.meta["has_labels"])
     K = trajectories.steps
@@ -228,16 +228,13 @@ def distill(
         loss = lambda_global * l_global + (1.0 - lambda_global) * l_local + lambda_task * l_task
         return loss, logs
 
-    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, lr_schedule=lr_schedule, warmup=warmup,
-                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-                      checkpoint_every=checkpoint_every, resume=resume, seed=seed, log_every=log_every,
-                      progress=progress)
     config = {"kind": "distill", "teacher_hash": trajectories.meta["teacher_hash"], "structure": student.structure,
               "schedule": vars(sched), "steps": steps, "lr": lr, "batch_size": batch_size,
               "lambda_global": lambda_global, "lambda_task": lambda_task, "ema": ema, "distance": distance,
               "huber_delta": huber_delta, "normalize": normalize, "include_k0": include_k0, "rollout_steps": rollout_steps,
               "rollout_weight": rollout_weight, "rollout_detach": rollout_detach, "task_max_k": task_max_k,
               "seed": seed}
+    cfg = optim_config(lr, checkpoint_dir, resume, seed, optim)
     history = run("distill", steps=steps, params=params, step_fn=step_fn, cfg=cfg,
                   saved={"student": student, "target": target}, config=config, after_step=ema_update)
     student.eval()

@@ -52,6 +52,22 @@ class OptimConfig:
             raise ValueError(f"warmup: expected an int >= 0, got {self.warmup}")
 
 
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def optim_config(lr: float, checkpoint_dir: Any, resume: bool, seed: int, options: dict) -> OptimConfig:
+    """An :class:`OptimConfig` from a training function's arguments; unknown options are an error."""
+    known = set(OptimConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(known - {'lr', 'checkpoint_dir', 'resume', 'seed'})}")
+    return OptimConfig(lr=lr, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), resume=resume,
+                       seed=seed, **options)
+
+
 def _lr_at(cfg: OptimConfig, step: int, steps: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -77,8 +93,7 @@ def run(name: str, *, steps: int, params: list[nn.Parameter], step_fn: StepFn, c
     """
     from tqdm.auto import tqdm
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected an int >= 1 (optimiser steps), got {steps!r}")
+    check_int("steps", steps)
     if not params:
         raise ValueError(f"{name}: no trainable parameters")
     config = json.loads(json.dumps(config))
