@@ -125,7 +125,7 @@ def distill(
     huber_delta: float = 0.1,
     normalize: bool = True,
     include_k0: bool = True,
-    rollout_steps: int = 2,
+    rollout_steps: int = 4,
     rollout_weight: float = 1.0,
     rollout_detach: bool = False,
     task_max_k: int = 2,
