@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
     "distill_steps": 2000, "distill_batch_size": 64, "distill_lr": 1e-3,
     "lambda_global": 0.8, "lambda_task": 0.05, "ema": 0.999, "distance": "mse",
-    "rollout_steps": 2,            # self-rollout steps in distillation (0: Algorithm 2 as printed)
+    "rollout_steps": 4,            # self-rollout steps in distillation (0: Algorithm 2 as printed)
     "hyper_steps": 1000, "direct_steps": 1000,
     "nfe": (1, 2, 4, 8),           # budgets of every method
     "teacher_nfe": (16, 32),       # extra budgets of the teacher rows
