@@ -22,15 +22,28 @@ from cdeq.solvers.fixed_point import check_tau
 ALPHA_LIMIT = 1e6
 
 
-def _weights(gram: Tensor, lam: float, ones: Tensor, fallback: Tensor) -> Tensor:
-    """alpha = H^{-1} 1 / (1^T H^{-1} 1) per sample, H = gram + lam * mean(diag(gram)) * I; where
-    H is singular or alpha non-finite or huge, the sample takes ``fallback`` (e_last: a damped
-    fixed-point step). No host sync."""
-    H = gram.clone()
-    H.diagonal(dim1=1, dim2=2).add_(gram.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True), alpha=lam)
-    beta = torch.linalg.solve_ex(H, ones)[0].squeeze(2)
-    alpha = beta / beta.sum(dim=1, keepdim=True)
-    return torch.where(alpha.abs().amax(dim=1, keepdim=True) <= ALPHA_LIMIT, alpha, fallback)
+class _Window:
+    """Views of the history for one (slot s, window n) pair, made once so a step issues few ops."""
+
+    def __init__(self, G: Tensor, Y: Tensor, gram: Tensor, H: Tensor, ones: Tensor, eye: Tensor, s: int, n: int):
+        self.s, self.n = s, n
+        self.g, self.y = G[:, s], Y[:, s]
+        self.g_row = self.g.unsqueeze(1)
+        self.GT, self.Y = G[:, :n].transpose(1, 2), Y[:, :n]
+        self.gram_row, self.gram_col = gram[:, s, :n], gram[:, :n, s]
+        self.gram, self.gram_diag = gram[:, :n, :n], gram[:, :n, :n].diagonal(dim1=1, dim2=2)
+        self.H, self.H_diag = H[:, :n, :n], H[:, :n, :n].diagonal(dim1=1, dim2=2)
+        self.ones, self.fallback = ones[:, :n], eye[s, :n]
+
+    def weights(self, lam: float) -> Tensor:
+        """alpha = H^{-1} 1 / (1^T H^{-1} 1), H = G G^T + lam * mean(diag) * I (Eq. 9); a sample whose
+        alpha is non-finite or huge (singular H) takes e_s, a damped fixed-point step. No host sync."""
+        self.H.copy_(self.gram)
+        self.H_diag.add_(self.gram_diag.mean(dim=1, keepdim=True), alpha=lam)
+        beta = torch.linalg.solve_ex(self.H, self.ones)[0].squeeze(2)
+        alpha = beta / beta.sum(dim=1, keepdim=True)
+        ok = torch.linalg.vector_norm(alpha, float("inf"), dim=1, keepdim=True) <= ALPHA_LIMIT
+        return torch.where(ok, alpha, self.fallback)
 
 
 def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
@@ -44,35 +57,41 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
     mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace)
     B, N = z0.shape
-    m = min(m, max_iter)
-    work = torch.float64 if z0.dtype == torch.float64 else torch.float32
+    dtype, m = z0.dtype, min(m, max_iter)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
     G = z0.new_empty(B, m, N)  # ring buffer of g_i
     Y = z0.new_empty(B, m, N)  # ring buffer of y_i = z_i + tau g_i
     gram = torch.zeros(B, m, m, dtype=work, device=z0.device)
+    H = torch.empty_like(gram)
     ones = torch.ones(B, m, 1, dtype=work, device=z0.device)
     eye = torch.eye(m, dtype=work, device=z0.device)
+    # step k uses slot (k-1) % m and window min(k, m): m warm-up windows, then m full ones
+    windows = [_Window(G, Y, gram, H, ones, eye, s, s + 1) for s in range(m)]
+    windows += [_Window(G, Y, gram, H, ones, eye, s, m) for s in range(m)]
     buffers = (z0.new_empty(B, N), z0.new_empty(B, N))
+    outs = (buffers[0].unsqueeze(1), buffers[1].unsqueeze(1))
     z, k = z0, 0
     while k < max_iter:
-        s, n = k % m, min(k + 1, m)
+        w = windows[k] if k < m else windows[m + k % m]
         fz = f(z)
         k += 1
-        g, y = G[:, s], Y[:, s]
-        torch.sub(fz, z, out=g)
+        torch.sub(fz, z, out=w.g)
         if tau == 1:
-            y.copy_(fz)
+            w.y.copy_(fz)
         else:
-            torch.lerp(z, fz, tau, out=y)
-        row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1).to(work)
-        gram[:, s, :n] = row
-        gram[:, :n, s] = row
-        advance = mon.observe(k, row[:, s].sqrt(), vector_norm(fz) if mon.needs_rel else None)
+            torch.lerp(z, fz, tau, out=w.y)
+        row = torch.bmm(w.g_row, w.GT).squeeze(1)  # <g_k, g_i>: one new row/column of G G^T
+        if row.dtype != work:
+            row = row.to(work)
+        w.gram_row.copy_(row)
+        w.gram_col.copy_(row)
+        advance = mon.observe(k, row[:, w.s].sqrt(), vector_norm(fz) if mon.needs_rel else None)
         out = buffers[k % 2]
-        if n == 1:
-            out.copy_(y)
+        if w.n == 1:
+            out.copy_(w.y)
         else:
-            alpha = _weights(gram[:, :n, :n], lam, ones[:, :n], eye[s, :n]).to(z0.dtype)
-            torch.bmm(alpha.unsqueeze(1), Y[:, :n], out=out.unsqueeze(1))
+            alpha = w.weights(lam)
+            torch.bmm((alpha if dtype == work else alpha.to(dtype)).unsqueeze(1), w.Y, out=outs[k % 2])
         z = torch.where(advance, out, z, out=out)
         mon.record(k, z)
         if mon.done():

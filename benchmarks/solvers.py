@@ -1,0 +1,319 @@
+"""Benchmark cdeq's solvers against TorchDEQ 0.1.0 on three DEQ layers (see benchmarks/README.md).
+
+For each problem (contractive MLP, MDEQ-like conv block, DEQ-transformer block) and solver
+(fixed_point, anderson, broyden) in both libraries: the relative residual of the returned state
+after 1, 2, 4, ..., 32 calls of f; the NFE to reach 1e-3 and 1e-5; the time of a 32-NFE solve
+against the time of the f calls it made (solver overhead and per-step cost); for Anderson the
+memory-traffic floor of one step; and, with cdeq.DEQ, forward+backward time, peak memory and
+gradient error of each backward. Medians of repeats after warm-up, measured interleaved.
+
+    python benchmarks/solvers.py --preset cpu            # writes results/benchmarks/solvers-cpu.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+import cdeq
+from cdeq.io import atomic_write_json, atomic_write_text
+from cdeq.measure import peak_memory_mb
+
+ROOT = Path(__file__).resolve().parents[1]
+NFES = (1, 2, 4, 8, 16, 32)
+TOLS = (1e-3, 1e-5)
+SOLVERS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
+M = 5  # Anderson window for both libraries
+
+PRESETS = {
+    "cpu": {"mlp": {"B": 64, "D": 512}, "conv": {"B": 16, "C": 32, "H": 16},
+            "transformer": {"B": 8, "L": 64, "d": 128}},
+    "gpu": {"mlp": {"B": 256, "D": 2048}, "conv": {"B": 64, "C": 64, "H": 32},
+            "transformer": {"B": 32, "L": 256, "d": 512}},
+}
+
+
+class MLPLayer(nn.Module):
+    """f(z) = W2 relu(W1 z) + u with ||W2|| ||W1|| = 0.9: a contraction."""
+
+    def __init__(self, D: int) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        with torch.no_grad():
+            for lin in (self.l1, self.l2):
+                lin.weight.mul_(0.9 ** 0.5 / torch.linalg.matrix_norm(lin.weight, 2))
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        return self.l2(torch.relu(self.l1(z))) + u
+
+
+class ConvBlock(nn.Module):
+    """MDEQ-like residual block: relu(z/2 + GN(conv(relu(GN(conv(z)))))/2 + u). (A final GroupNorm as
+    in MDEQ made every solver stall near 1e-2: GN and ReLU leave a scale direction neutral.)"""
+
+    def __init__(self, C: int) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(C, C, 3, padding=1, bias=False), nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.n1, self.n2 = nn.GroupNorm(4, C), nn.GroupNorm(4, C)
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        y = self.n2(self.c2(torch.relu(self.n1(self.c1(z)))))
+        return torch.relu(0.5 * z + 0.5 * y + u)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm attention + FFN with input injection: h = u + attn(LN(z)); f = h + FFN(LN(h))."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, max(1, d // 64), batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        with torch.no_grad():
+            self.attn.out_proj.weight.mul_(0.5)
+            self.ffn[2].weight.mul_(0.3)
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        a = self.ln1(z)
+        h = u + self.attn(a, a, a, need_weights=False)[0]
+        return h + self.ffn(self.ln2(h))
+
+
+def build(name: str, size: dict, device: torch.device) -> tuple[nn.Module, Tensor, Tensor]:
+    """The layer, its injection u and z0 = 0, deterministically."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        layer, shape = MLPLayer(size["D"]), (size["B"], size["D"])
+    elif name == "conv":
+        layer, shape = ConvBlock(size["C"]), (size["B"], size["C"], size["H"], size["H"])
+    else:
+        layer, shape = TransformerBlock(size["d"]), (size["B"], size["L"], size["d"])
+    layer = layer.to(device).eval()
+    u = torch.randn(shape, device=device)
+    return layer, u, torch.zeros(shape, device=device)
+
+
+class Counted:
+    """f that counts its calls."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor]) -> None:
+        self.f, self.calls = f, 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.calls += 1
+        return self.f(z)
+
+
+def runner(lib: str, solver: str) -> Callable[[Callable, Tensor, int, float], Tensor]:
+    """run(f, z0, max_iter, tol) -> z for one library's solver, relative stopping, m = M."""
+    opts = {"anderson": {"m": M}, "broyden": {}, "fixed_point": {}}[solver]
+    if lib == "cdeq":
+        return lambda f, z0, k, tol: cdeq.solve(f, z0, solver=solver, max_iter=k, tol=tol, stop_mode="rel", **opts)[0]
+    from torchdeq.solver import get_solver
+
+    fn = get_solver(SOLVERS[solver])
+    return lambda f, z0, k, tol: fn(f, z0, max_iter=k, tol=tol, stop_mode="rel", **opts)[0]
+
+
+def rel_residual(f: Callable, z: Tensor) -> float:
+    """Mean over the batch of ||f(z) - z|| / ||f(z)||."""
+    fz = f(z)
+    return ((fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)).mean().item()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bandwidth(device: torch.device, n: int = 1 << 25) -> float:
+    """Measured memory bandwidth (bytes read + written per second) of a large copy."""
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    b.copy_(a)
+    return 2 * n * 4 / statistics.median(timed(lambda: b.copy_(a), device) for _ in range(7))
+
+
+def solver_rows(name: str, f: Callable, z0: Tensor, device: torch.device, libs: list[str], repeats: int,
+                cap: int) -> list[dict]:
+    rows = []
+    runs = {(lib, s): runner(lib, s) for lib in libs for s in SOLVERS}
+    for (lib, s), run in runs.items():
+        row = {"problem": name, "library": lib, "solver": s}
+        with torch.no_grad():
+            row["residual_after"] = {k: rel_residual(f, run(f, z0, k, 0.0)) for k in NFES}
+            for tol in TOLS:
+                cf = Counted(f)
+                z = run(cf, z0, cap, tol)
+                reached = rel_residual(f, z) <= 1.5 * tol and cf.calls - (lib == "cdeq") < cap
+                row[f"nfe_to_{tol:g}"] = cf.calls - (lib == "cdeq") if reached else None
+        rows.append(row)
+    # Timing: bare f and every solver, interleaved repeat by repeat so load changes hit all alike.
+    times: dict = {"f": []}
+    calls = {}
+    with torch.no_grad():
+        for rep in range(repeats + 2):
+            t = timed(lambda: [f(z0) for _ in range(32)], device) / 32
+            if rep >= 2:
+                times["f"].append(t)
+            for key, run in runs.items():
+                cf = Counted(f)
+                t = timed(lambda: run(cf, z0, 32, 0.0), device)
+                calls[key] = cf.calls
+                if rep >= 2:
+                    times.setdefault(key, []).append(t)
+    t_f, t_f_min = statistics.median(times["f"]), min(times["f"])
+    for row in rows:
+        key = (row["library"], row["solver"])
+        t = statistics.median(times[key])
+        row["f_ms"] = 1e3 * t_f
+        row["solve32_ms"] = 1e3 * t
+        row["f_calls_in_solve32"] = calls[key]
+        row["overhead"] = 1 - calls[key] * t_f / t
+        row["per_step_ms"] = 1e3 * (t - calls[key] * t_f) / 32
+        # the same from the fastest repeats: far less sensitive to other processes' load
+        row["per_step_ms_min"] = 1e3 * (min(times[key]) - calls[key] * t_f_min) / 32
+    return rows
+
+
+def anderson_floor(z0: Tensor, bw: float) -> dict:
+    """Bytes an ideal Anderson step must move: read f(z) and z, write g and y, read m rows of G for
+    the Gram row and m rows of Y for the mix, write z: (2m + 5) N elements."""
+    nbytes = (2 * M + 5) * z0.numel() * z0.element_size()
+    return {"bytes_per_step": nbytes, "floor_ms": 1e3 * nbytes / bw}
+
+
+def backward_rows(name: str, layer: nn.Module, u: Tensor, z0: Tensor, device: torch.device,
+                  repeats: int) -> list[dict]:
+    """Forward+backward time, peak memory and gradient error of each cdeq.DEQ backward, against
+    implicit differentiation with tight forward and backward solves."""
+    try:
+        from cdeq.deq import DEQ
+    except ImportError as e:  # reported as a gap in the table
+        return [{"problem": name, "error": f"cdeq.DEQ unavailable: {e}"}]
+    params = [p for p in layer.parameters()]
+
+    def grads(deq: "DEQ") -> list[Tensor]:
+        layer.zero_grad(set_to_none=True)
+        z, _ = deq(lambda z: layer(z, u), z0)
+        z.square().mean().backward()
+        return [p.grad.detach().clone() for p in params]
+
+    ref = grads(DEQ(f_solver="anderson", f_max_iter=200, f_tol=1e-7, backward="implicit", b_max_iter=200, b_tol=1e-7))
+    ref_norm = torch.sqrt(sum(g.square().sum() for g in ref))
+    configs = {
+        "implicit": dict(f_solver="anderson", f_max_iter=30, f_tol=1e-4, backward="implicit"),
+        "phantom": dict(f_solver="anderson", f_max_iter=30, f_tol=1e-4, backward="phantom", phantom_steps=5, tau=0.6),
+        "unroll": dict(f_max_iter=30, f_tol=1e-4, backward="unroll"),
+    }
+    rows = []
+    for kind, cfg in configs.items():
+        deq = DEQ(**cfg)
+        g = grads(deq)
+        err = torch.sqrt(sum((a - b).square().sum() for a, b in zip(g, ref))) / ref_norm
+        ts = [timed(lambda: grads(deq), device) for _ in range(repeats + 1)][1:]
+        rows.append({"problem": name, "backward": kind, "fwd_bwd_ms": 1e3 * statistics.median(ts),
+                     "peak_mem_mb": peak_memory_mb(torch.enable_grad()(lambda: grads(deq)), device),
+                     "grad_rel_error": err.item()})
+    return rows
+
+
+def fmt(x: Optional[float], spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> str:
+    lines = [f"# Solver benchmark ({meta['preset']} preset, {meta['device']})", "",
+             f"`{meta['command']}` — torch {meta['torch']}, torchdeq {meta['torchdeq']}, commit {meta['commit']}, "
+             f"seed {meta['seed']}, {meta['threads']} threads, bandwidth {meta['bandwidth_gbs']:.1f} GB/s", "",
+             "Residual = mean relative residual ||f(z)-z||/||f(z)|| of the returned z after k NFE. "
+             "Per-step cost = (32-NFE solve time − its f calls × f time) / 32; cdeq's solve makes one extra "
+             "check call of f (counted in the f calls, not in NFE).", "",
+             "| problem | lib | solver | " + " | ".join(f"res@{k}" for k in NFES)
+             + " | NFE→1e-3 | NFE→1e-5 | f ms | solve32 ms | overhead | per-step ms | per-step ms (min) |",
+             "|" + "---|" * (3 + len(NFES) + 7)]
+    for r in rows:
+        lines.append(f"| {r['problem']} | {r['library']} | {r['solver']} | "
+                     + " | ".join(f"{r['residual_after'][k]:.1e}" for k in NFES)
+                     + f" | {fmt(r['nfe_to_0.001'], 'd')} | {fmt(r['nfe_to_1e-05'], 'd')} | {r['f_ms']:.2f} | "
+                     f"{r['solve32_ms']:.1f} | {r['overhead']:.0%} | {r['per_step_ms']:.3f} | {r['per_step_ms_min']:.3f} |")
+    lines += ["", "## Anderson per-step cost: cdeq vs TorchDEQ, and the memory-traffic floor", "",
+              "| problem | cdeq ms | TorchDEQ ms | ratio | ratio (min-based) | floor ms ((2m+5)·N bytes / bandwidth) |",
+              "|---|---|---|---|---|---|"]
+    for name, fl in floors.items():
+        c = next(r for r in rows if r["problem"] == name and r["library"] == "cdeq" and r["solver"] == "anderson")
+        t = next((r for r in rows if r["problem"] == name and r["library"] == "torchdeq"
+                  and r["solver"] == "anderson"), None)
+        ratio = c["per_step_ms"] / t["per_step_ms"] if t else None
+        ratio_min = c["per_step_ms_min"] / t["per_step_ms_min"] if t else None
+        lines.append(f"| {name} | {c['per_step_ms']:.3f} | {fmt(t and t['per_step_ms'], '.3f')} | "
+                     f"{fmt(ratio, '.2f')} | {fmt(ratio_min, '.2f')} | {fl['floor_ms']:.3f} |")
+    lines += ["", "## Backward passes (cdeq.DEQ)", ""]
+    if any("error" in b for b in brows):
+        lines.append("Not measured: " + "; ".join(b["error"] for b in brows if "error" in b))
+    else:
+        lines += ["| problem | backward | fwd+bwd ms | peak MiB | grad rel. error |", "|---|---|---|---|---|"]
+        lines += [f"| {b['problem']} | {b['backward']} | {b['fwd_bwd_ms']:.1f} | {b['peak_mem_mb']:.1f} | "
+                  f"{b['grad_rel_error']:.1e} |" for b in brows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--problems", nargs="+", choices=sorted(PRESETS["cpu"]), default=["mlp", "conv", "transformer"])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--cap", type=int, default=200, help="NFE budget when measuring the NFE to reach a tolerance")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--out", default=None, help="JSON path (default results/benchmarks/solvers-<preset>.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import torchdeq
+
+        libs, tdq_version = ["cdeq", "torchdeq"], getattr(torchdeq, "__version__", "0.1.0")
+    except ImportError:
+        libs, tdq_version = ["cdeq"], None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    bw = bandwidth(device)
+    meta = {"command": " ".join(["python", "benchmarks/solvers.py", *(argv if argv is not None else sys.argv[1:])]),
+            "preset": args.preset, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "torch": torch.__version__, "torchdeq": tdq_version, "commit": commit, "seed": 0,
+            "threads": torch.get_num_threads(), "bandwidth_gbs": bw / 1e9, "m": M}
+    rows, floors, brows = [], {}, []
+    for name in args.problems:
+        layer, u, z0 = build(name, PRESETS[args.preset][name], device)
+        f = lambda z, layer=layer, u=u: layer(z, u)  # noqa: E731
+        rows += solver_rows(name, f, z0, device, libs, args.repeats, args.cap)
+        floors[name] = anderson_floor(z0, bw)
+        if not args.no_backward:
+            brows += backward_rows(name, layer, u, z0, device, max(3, args.repeats // 2))
+        print(f"done: {name}", file=sys.stderr)
+    md = markdown(meta, rows, floors, brows)
+    print(md)
+    out = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / f"solvers-{args.preset}.json"
+    atomic_write_json(out, {"meta": meta, "solvers": rows, "anderson_floor": floors, "backward": brows})
+    atomic_write_text(out.with_suffix(".md"), md)
+
+
+if __name__ == "__main__":
+    main()
