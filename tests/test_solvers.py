@@ -324,3 +324,10 @@ def test_no_warning_without_divergence():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cdeq.solve(tanh_problem(), torch.zeros(3, 30, dtype=torch.float64), max_iter=5)
+
+
+def test_check_residual_off_makes_exactly_max_iter_calls():
+    f = Counted(tanh_problem())
+    z, info = cdeq.solve(f, torch.zeros(3, 30, dtype=torch.float64), max_iter=4, tol=0, check_residual=False)
+    assert f.calls == info.nfe == 4
+    assert info.abs_residual is None and info.rel_residual is None and info.converged is None
