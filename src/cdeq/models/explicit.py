@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdeq.models.ignn import normalized_adjacency
+from cdeq.models.ignn import SparseAdjacency
 from cdeq.models.transformer import CausalSelfAttention, FeedForward, TokenEmbedding
 
 
@@ -32,16 +32,16 @@ class GCN(nn.Module):
     def __init__(self, edge_index: Tensor, num_nodes: int, in_features: int, num_classes: int,
                  hidden: int = 64, dropout: float = 0.5) -> None:
         super().__init__()
-        self.register_buffer("adj", normalized_adjacency(edge_index, num_nodes), persistent=False)
+        self.adj = SparseAdjacency(edge_index, num_nodes)
         self.num_nodes, self.dropout = num_nodes, dropout
         self.lin1, self.lin2 = nn.Linear(in_features, hidden), nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_graph_x(x, self.num_nodes)
         h = F.dropout(x[0], self.dropout, self.training)
-        h = torch.relu(torch.sparse.mm(self.adj, self.lin1(h)))
+        h = torch.relu(self.adj(self.lin1(h)))
         h = F.dropout(h, self.dropout, self.training)
-        return torch.sparse.mm(self.adj, self.lin2(h)).unsqueeze(0)
+        return self.adj(self.lin2(h)).unsqueeze(0)
 
 
 class _GATLayer(nn.Module):
@@ -77,9 +77,9 @@ class GAT(nn.Module):
     def __init__(self, edge_index: Tensor, num_nodes: int, in_features: int, num_classes: int,
                  hidden: int = 8, heads: int = 8, dropout: float = 0.6) -> None:
         super().__init__()
-        adj = normalized_adjacency(edge_index, num_nodes)  # its pattern: the edges plus self loops
-        self.register_buffer("src", adj.indices()[1].clone(), persistent=False)
-        self.register_buffer("dst", adj.indices()[0].clone(), persistent=False)
+        pattern = SparseAdjacency(edge_index, num_nodes).indices()  # the edges plus self loops
+        self.register_buffer("src", pattern[1].clone(), persistent=False)
+        self.register_buffer("dst", pattern[0].clone(), persistent=False)
         self.num_nodes, self.dropout = num_nodes, dropout
         self.gat1 = _GATLayer(in_features, hidden, heads, concat=True, dropout=dropout)
         self.gat2 = _GATLayer(hidden * heads, num_classes, 1, concat=False, dropout=dropout)

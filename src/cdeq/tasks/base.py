@@ -145,7 +145,7 @@ class Task:
             z_star = map_state(lambda t: t.detach().requires_grad_(), z)
             penalty = jacobian_penalty(model.layer(z_star, u), z_star)
             loss = loss + jac_weight * penalty
-            logs["jac"] = float(penalty)
+            logs["jac"] = float(penalty.detach())
         return loss, logs
 
     def explicit_step(self, model: nn.Module, batch: Batch, recipe: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
@@ -177,7 +177,7 @@ class Task:
 
         after = getattr(model, "project_", None)
         torch.manual_seed(seed)
-        meta = {**meta, "task": self.name, "kind": kind, "params": num_parameters(model)}
+        meta = {**meta, "task": self.name, "kind": kind, "model": type(model).__name__, "params": num_parameters(model)}
         metrics = fit(model, lambda m, b: step(m, b, recipe), stream, cfg, run_dir, evaluate=validate, select=self._select_key(),
                       maximize=self.higher_is_better, after_step=after, resume=resume, device=device,
                       name=f"{self.name}/{kind}", meta=meta, progress=progress)
@@ -189,26 +189,29 @@ class Task:
         return metrics
 
     def train_teacher(self, run_dir: str | Path, preset: str = "cpu", seed: int = 0, device: str = "cpu",
-                      resume: bool = True, progress: bool = True, **overrides: Any) -> dict[str, Any]:
+                      resume: bool = True, progress: bool = True, command: Optional[str] = None,
+                      **overrides: Any) -> dict[str, Any]:
         """Train the DEQ teacher of ``preset`` in ``run_dir`` (resumable; see :func:`cdeq.training.fit`).
-        ``overrides`` are merged into the recipe. Returns the metrics (``metrics["test"]`` too)."""
+        ``overrides`` are merged into the recipe; ``command`` (the command line, if any) is recorded.
+        Returns the metrics (``metrics["test"]`` too)."""
         recipe = self.recipe(preset, **overrides)
         torch.manual_seed(seed)
         model = self._teacher(**recipe["teacher"])
         from cdeq.deq import DEQ
 
         model.set_deq(DEQ(**recipe["deq"]))
-        meta = {"preset": preset, "overrides": overrides, "recipe": recipe, "seed": seed}
+        meta = {"preset": preset, "overrides": overrides, "recipe": recipe, "seed": seed, "command": command}
         return self._fit("teacher", model, self.teacher_step, recipe, recipe["train"],
                          run_dir, seed, device, resume, progress, meta)
 
     def train_explicit(self, run_dir: str | Path, preset: str = "cpu", seed: int = 0, device: str = "cpu",
-                       resume: bool = True, progress: bool = True, **overrides: Any) -> dict[str, Any]:
+                       resume: bool = True, progress: bool = True, command: Optional[str] = None,
+                       **overrides: Any) -> dict[str, Any]:
         """Train the explicit baseline of ``preset`` in ``run_dir``, like :meth:`train_teacher`."""
         recipe = self.recipe(preset, **overrides)
         torch.manual_seed(seed)
         model = self._explicit(**recipe["explicit"])
-        meta = {"preset": preset, "overrides": overrides, "recipe": recipe, "seed": seed}
+        meta = {"preset": preset, "overrides": overrides, "recipe": recipe, "seed": seed, "command": command}
         train_cfg = recipe.get("explicit_train", recipe["train"])
         return self._fit("explicit", model, self.explicit_step, recipe, train_cfg, run_dir, seed, device,
                          resume, progress, meta)

@@ -1,0 +1,126 @@
+"""The generic training loop: schedule, checkpoints, resume after a kill, best-model selection."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cdeq.io import load_checkpoint
+from cdeq.training import BEST, CHECKPOINT, METRICS, TrainConfig, fit, lr_factor
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def _problem(seed: int = 0):
+    """A small regression with dropout (so the RNG state matters) and 3 batches per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(24, 4, generator=g)
+    y = x @ torch.randn(4, 1, generator=g)
+
+    def batches(epoch: int):
+        order = torch.randperm(24, generator=torch.Generator().manual_seed(1000 + epoch))
+        for idx in order.split(8):
+            yield x[idx], y[idx]
+
+    def model():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+    return model, batches
+
+
+def _loss(kill_at: int | None = None):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if kill_at is not None and calls["n"] == kill_at:
+            raise _Killed(f"killed during step {kill_at}")
+        x, y = batch
+        return ((model(x) - y) ** 2).mean(), {"calls": float(calls["n"])}
+
+    return loss_fn
+
+
+def test_lr_factor_warmup_then_cosine():
+    cfg = TrainConfig(steps=10, lr=1.0, warmup=2, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.5)
+    assert lr_factor(2, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(0.1)
+    assert lr_factor(6, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0, lr=1e-3)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(steps=1, lr=0.0)
+
+
+def test_fit_trains_and_writes_checkpoint_and_metrics(tmp_path):
+    make, batches = _problem()
+    model = make()
+    cfg = TrainConfig(steps=30, lr=5e-2, checkpoint_every=7, log_every=5)
+    metrics = fit(model, _loss(), batches, cfg, tmp_path, progress=False)
+    losses = [h["loss"] for h in metrics["history"] if "loss" in h]
+    assert losses[-1] < losses[0] / 2
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT)  # weights_only=True
+    assert ckpt["step"] == 30 and ckpt["epoch"] == 9 and ckpt["offset"] == 3
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "rng", "config", "history"}
+    on_disk = json.loads((tmp_path / METRICS).read_text())
+    assert on_disk["steps"] == 30 and on_disk["config"]["lr"] == 5e-2
+    restored = make()
+    restored.load_state_dict(ckpt["model"])
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kill_at", [5, 7])  # mid-epoch and right after an epoch boundary
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, kill_at):
+    make, batches = _problem()
+    cfg = TrainConfig(steps=10, lr=1e-2, warmup=2, checkpoint_every=2, log_every=1)
+    straight = make()
+    fit(straight, _loss(), batches, cfg, tmp_path / "a", progress=False)
+
+    killed = make()
+    with pytest.raises(_Killed):
+        fit(killed, _loss(kill_at=kill_at), batches, cfg, tmp_path / "b", progress=False)
+    saved = load_checkpoint(tmp_path / "b" / CHECKPOINT)["step"]
+    assert saved == 2 * ((kill_at - 1) // 2)
+    resumed = make()  # a fresh process: new model, resumed from the checkpoint
+    fit(resumed, _loss(), batches, cfg, tmp_path / "b", progress=False)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    hist_a = json.loads((tmp_path / "a" / METRICS).read_text())["history"]
+    hist_b = json.loads((tmp_path / "b" / METRICS).read_text())["history"]
+    assert [h["loss"] for h in hist_a] == [h["loss"] for h in hist_b]
+
+
+def test_resume_refuses_another_config(tmp_path):
+    make, batches = _problem()
+    fit(make(), _loss(), batches, TrainConfig(steps=2, lr=1e-2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="resume"):
+        fit(make(), _loss(), batches, TrainConfig(steps=3, lr=1e-2), tmp_path, progress=False)
+
+
+def test_select_keeps_the_best_validation_model(tmp_path):
+    make, batches = _problem()
+    model = make()
+    scores = iter([0.3, 0.9, 0.5, 0.1])
+    snapshots = {}
+
+    def evaluate(m):
+        value = next(scores)
+        snapshots[value] = {k: v.clone() for k, v in m.state_dict().items()}
+        return {"acc": value}
+
+    cfg = TrainConfig(steps=6, lr=1e-2, eval_every=2)
+    metrics = fit(model, _loss(), batches, cfg, tmp_path, evaluate=evaluate, select="acc", progress=False)
+    assert metrics["best"] == {"step": 4, "value": 0.9}
+    assert (tmp_path / BEST).exists()
+    for k, v in model.state_dict().items():  # the best weights are loaded at the end
+        assert torch.equal(v, snapshots[0.9][k])
