@@ -54,8 +54,8 @@ def module_hash(module: nn.Module) -> str:
         t = tensors[name]
         if not isinstance(t, Tensor):
             continue
-        if t.is_sparse:
-            t = t.coalesce()
+        if t.layout != torch.strided:  # sparse COO/CSR/...: hash the coalesced COO form
+            t = t.to_sparse_coo().coalesce()
             parts = [t.indices(), t.values()]
         else:
             parts = [t]
