@@ -11,6 +11,7 @@ The batch is one graph: inputs are ``(1, N, F)`` node features, states ``(1, N, 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -67,8 +68,10 @@ class SparseAdjacency(nn.Module):
     def __init__(self, edge_index: Tensor, num_nodes: int) -> None:
         super().__init__()
         adj = normalized_adjacency(edge_index, num_nodes)
-        self.register_buffer("adj", adj.to_sparse_csr(), persistent=False)
-        self.register_buffer("adj_t", adj.t().coalesce().to_sparse_csr(), persistent=False)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul is all we use
+            warnings.simplefilter("ignore", UserWarning)
+            self.register_buffer("adj", adj.to_sparse_csr(), persistent=False)
+            self.register_buffer("adj_t", adj.t().coalesce().to_sparse_csr(), persistent=False)
         self.num_nodes = num_nodes
         self.pf = perron_frobenius(adj)
 

@@ -32,7 +32,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
              "batch_size": 8, "val_batches": 1, "test_batches": 2, "jac_weight": 0.5,
              "explicit": {"channels": (8, 16), "stem_stride": 2}},
     "cpu": {"teacher": _MDEQ, "deq": _DEQ,
-            "train": {"steps": 700, "lr": 2e-3, "weight_decay": 1e-4, "warmup": 50, "checkpoint_every": 50,
+            "train": {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "warmup": 50, "checkpoint_every": 50,
                       "log_every": 10},
             "batch_size": 128, "val_batches": 20, "jac_weight": 0.5,
             "explicit": {"channels": (48, 96), "stem_stride": 1}},  # 171K parameters

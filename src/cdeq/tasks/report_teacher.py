@@ -131,13 +131,16 @@ def _markdown(rec: dict[str, Any]) -> str:
         e = rec["explicit"]
         lines.append(f"- explicit baseline {e['model']} ({e['params']:,} parameters): test {m} {fmt(e[m])}")
     wb = rep["working_budget"]
-    lines += [f"- working budget: {wb['solver']}, max_iter {wb['max_iter']}, tol {wb['tol']:g}, backward {wb['backward']}",
+    phantom = f" (+ {wb['phantom_steps']} phantom steps after the solve)" if wb["phantom_steps"] else ""
+    lines += [f"- working budget: {wb['solver']}, max_iter {wb['max_iter']}, tol {wb['tol']:g}, backward "
+              f"{wb['backward']}{phantom}",
               f"- NFE (forward solve, mean per batch) {rep['nfe_mean']:.1f}; steps to tol (mean per sample) "
               f"{rep['steps_to_tol_mean']:.1f}; relative residual mean {rep['rel_residual_mean']:.2e}, "
               f"median {rep['rel_residual_median']:.2e}, max {rep['rel_residual_max']:.2e}; converged "
               f"{100 * rep['converged_fraction']:.1f}%",
               f"- training: {rec['training']['steps']} steps, {rec['training']['wall_s']:.0f} s: "
               f"`{rec['train_command']}`",
+              "", "Truncated solves: the readout of the solver's k-th iterate from z0 = 0 (no phantom steps).",
               "", f"| solver budget | Anderson {m} | Anderson rel. res. | fixed-point {m} | fixed-point rel. res. |",
               "|---|---|---|---|---|"]
     for k in rep["anderson"]:

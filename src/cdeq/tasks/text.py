@@ -26,7 +26,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
              "explicit": {"d_model": 16, "n_heads": 2, "d_ff": 32, "max_len": 16}},
     "cpu": {"teacher": {"d_model": 128, "n_heads": 4, "d_ff": 512, "max_len": 64},
             "deq": _DEQ,
-            "train": {"steps": 1500, "lr": 2e-3, "weight_decay": 0.01, "warmup": 100, "checkpoint_every": 100,
+            "train": {"steps": 1200, "lr": 2e-3, "weight_decay": 0.01, "warmup": 100, "checkpoint_every": 100,
                       "log_every": 20},
             "batch_size": 16, "seq_len": 64, "val_batches": 30, "jac_weight": 0.5,
             "explicit": {"d_model": 128, "n_heads": 4, "d_ff": 512, "max_len": 64}},
