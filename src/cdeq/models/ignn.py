@@ -11,6 +11,8 @@ The batch is one graph: inputs are ``(1, N, F)`` node features, states ``(1, N, 
 """
 from __future__ import annotations
 
+import copy
+
 import warnings
 from typing import Any
 
@@ -74,6 +76,14 @@ class SparseAdjacency(nn.Module):
             self.register_buffer("adj_t", adj.t().coalesce().to_sparse_csr(), persistent=False)
         self.num_nodes = num_nodes
         self.pf = perron_frobenius(adj)
+
+    def __deepcopy__(self, memo: dict) -> "SparseAdjacency":
+        """Copies share the graph: it is constant data, and CSR tensors cannot be deep-copied
+        (students, EMA targets and teacher copies all deep-copy the model)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__ = {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+        return new
 
     def indices(self) -> Tensor:
         """``(2, nnz)`` (row, column) pairs of the nonzeros, self loops included."""
