@@ -30,8 +30,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                              "`cdeq run TASK --show-config` lists them")
     parser.add_argument("--show-config", action="store_true", help="print the resolved settings and exit")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    group = parser.add_argument_group("teacher DEQ (TorchDEQ flag names)")
-    add_deq_args(group)
+    add_deq_args(parser)  # the teacher's DEQ, with TorchDEQ's flag names
 
 
 def main(argv: list[str] | None = None) -> int:

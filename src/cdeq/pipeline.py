@@ -26,10 +26,13 @@ from torch import Tensor
 from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
 from cdeq.measure import peak_memory_mb, time_ms
 from cdeq.state import batch_norm2
+from cdeq.training import BEST, CHECKPOINT, METRICS
 
 # Settings of every stage; presets change some, `--set key=value` any.
 DEFAULTS: dict[str, Any] = {
     "teacher_preset": "cpu",       # the task's training recipe (tiny | cpu | gpu)
+    "teacher_from": None,          # a finished teacher run (`python -m cdeq.tasks.train`) to load instead
+    "explicit_from": None,         # likewise for the explicit baseline
     "traj_steps": 30,              # K: Anderson steps of the teacher trajectory
     "traj_batches": None,          # training batches to sample trajectories on (None: all)
     "traj_batch_size": None,       # None: the task's batch size
@@ -52,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"teacher_preset": "tiny", "traj_steps": 6, "traj_batches": 2, "traj_batch_size": 8,
              "distill_steps": 6, "distill_batch_size": 4, "hyper_steps": 4, "direct_steps": 4,
              "nfe": (1, 2), "teacher_nfe": (4,), "eval_limit": 2, "eval_batch_size": 8, "time_repeats": 1},
-    "small": {"distill_steps": 600, "hyper_steps": 300, "direct_steps": 300},
+    "small": {"distill_steps": 300, "hyper_steps": 200, "direct_steps": 200},
     "cpu": {},
     "gpu": {"teacher_preset": "gpu", "distill_steps": 6000, "hyper_steps": 3000, "direct_steps": 3000},
 }
@@ -242,13 +245,37 @@ class Run:
         self.task = tasks.get(config.task)
         torch.manual_seed(config.seed)
         base = {"task": config.task, "seed": config.seed}
-        self.teacher_stage = Stage(self.run_dir, "teacher", {**base, "preset": self.s["teacher_preset"], "deq": config.deq})
-        self.explicit_stage = Stage(self.run_dir, "explicit", {**base, "preset": self.s["teacher_preset"]})
+        self.teacher_stage = Stage(self.run_dir, "teacher", {**base, "preset": self.s["teacher_preset"], "deq": config.deq,
+                                                             "from": self._source_hash("teacher_from")})
+        self.explicit_stage = Stage(self.run_dir, "explicit", {**base, "preset": self.s["teacher_preset"],
+                                                               "from": self._source_hash("explicit_from")})
         traj_keys = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_aug", "anderson_m")
         self.traj_stage = Stage(self.run_dir, "trajectories", {"teacher": self.teacher_stage.key,
                                                                 **{k: self.s[k] for k in traj_keys}})
         self._teacher = None
         self._trajectories = None
+
+    def _source_hash(self, setting: str) -> Optional[str]:
+        """The checkpoint hash of a finished run named by ``setting`` (None when unset)."""
+        from cdeq.io import sha256_file
+
+        source = self.s[setting]
+        if source is None:
+            return None
+        if not (Path(source) / CHECKPOINT).exists():
+            raise FileNotFoundError(f"{setting}: no {CHECKPOINT} in {source} (a finished training run directory)")
+        return sha256_file(Path(source) / CHECKPOINT)
+
+    def _copy_run(self, source: Path, d: Path) -> dict[str, Any]:
+        """Take a finished training run's checkpoints and metrics into a stage directory."""
+        import shutil
+
+        for name in (CHECKPOINT, BEST, METRICS):
+            if (source / name).exists():
+                shutil.copyfile(source / name, d / f".{name}.tmp")
+                (d / f".{name}.tmp").replace(d / name)
+        metrics = json.loads((d / METRICS).read_text())
+        return {self.task.metric: metrics["test"][self.task.metric], "from": str(source)}
 
     # -- shared artefacts -------------------------------------------------------------------------
     def teacher(self):
@@ -256,6 +283,18 @@ class Run:
             self._teacher = self.task.load_teacher(self.teacher_stage.dir, device=str(self.device))
             self._teacher.requires_grad_(False)
         return self._teacher
+
+    def explicit(self) -> torch.nn.Module:
+        """The trained explicit baseline (its best weights if selected, else the last), in eval mode."""
+        d = self.explicit_stage.dir
+        ckpt = load_checkpoint(d / CHECKPOINT, map_location=self.device)
+        if ckpt["meta"].get("kind") != "explicit" or ckpt["meta"].get("task") != self.task.name:
+            raise ValueError(f"explicit_from: {d} holds a {ckpt['meta'].get('task')}/{ckpt['meta'].get('kind')} run, "
+                             f"not a {self.task.name} explicit baseline")
+        model = self.task.build_explicit(**ckpt["meta"]["recipe"]["explicit"])
+        state = load_checkpoint(d / BEST, map_location=self.device)["model"] if (d / BEST).exists() else ckpt["model"]
+        model.load_state_dict(state)
+        return model.to(self.device).eval()
 
     def trajectories(self):
         from cdeq.consistency import Trajectories
@@ -270,6 +309,10 @@ class Run:
     # -- stages ---------------------------------------------------------------------------------------
     def train_teacher(self) -> dict[str, Any]:
         def fn(d: Path) -> dict[str, Any]:
+            if self.s["teacher_from"] is not None:
+                summary = self._copy_run(Path(self.s["teacher_from"]), d)
+                self.task.load_teacher(d)  # a run of another task or kind is an error here
+                return summary
             overrides = {"deq": self.config.deq} if self.config.deq else {}
             metrics = self.task.train_teacher(d, preset=self.s["teacher_preset"], seed=self.config.seed,
                                               device=str(self.device), **overrides)
@@ -278,6 +321,8 @@ class Run:
 
     def train_explicit(self) -> dict[str, Any]:
         def fn(d: Path) -> dict[str, Any]:
+            if self.s["explicit_from"] is not None:
+                return self._copy_run(Path(self.s["explicit_from"]), d)
             metrics = self.task.train_explicit(d, preset=self.s["teacher_preset"], seed=self.config.seed, device=str(self.device))
             return {self.task.metric: metrics["test"][self.task.metric]}
         return self.explicit_stage.run(fn)
@@ -445,9 +490,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
     plain_student, _ = run.distill("plain")
     hyper, _ = run.train_hyperdeq()
     directs = {j: run.train_direct(j)[0] for j in s["nfe"]}
-    explicit = run.task.build_explicit(s["teacher_preset"])
-    explicit.load_state_dict(load_checkpoint(run.explicit_stage.dir / "checkpoint.pt", map_location=run.device)["model"])
-    explicit.to(run.device).eval()
+    explicit = run.explicit()
 
     print("[evaluate] test split", flush=True)
     teacher = run.teacher()

@@ -1,0 +1,116 @@
+"""The whole pipeline on a tiny configuration of a real task (Cora), its resume after an
+interrupted stage, the report rebuilt from JSON, and the validated settings."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdeq import pipeline
+from cdeq.report import METHODS, validate_table, write_report
+
+cora_present = pytest.mark.skipif(
+    not __import__("cdeq.data", fromlist=["describe"]).describe("cora").present,
+    reason="Cora is not available (run `python -m cdeq.data fetch cora`)",
+)
+
+
+def student_dirs(out: Path) -> list[Path]:
+    """The C-DEQ (Anderson-structured) student stages of a run directory."""
+    return [p for p in out.glob("cdeq-*") if not p.name.startswith("cdeq-plain")]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("run") / "cora-tiny"
+    config = pipeline.PipelineConfig(task="cora", preset="tiny", out=str(out), command="test")
+    table = pipeline.run_pipeline(config, figures=True)
+    return out, config, table
+
+
+@cora_present
+def test_tiny_pipeline_writes_the_binding_table(tiny_run):
+    out, config, table = tiny_run
+    on_disk = json.loads((out / "table.json").read_text())
+    validate_table(on_disk)
+    assert on_disk["task"] == "cora" and on_disk["metric"] == "accuracy" and on_disk["seed"] == 0
+    methods = {r["method"] for r in on_disk["rows"]}
+    assert methods == set(METHODS)
+    for row in on_disk["rows"]:
+        assert 0.0 <= row["value"] <= 1.0 and row["time_ms"] > 0 and row["params"] > 0
+        if row["method"] == "explicit":
+            assert row["nfe"] is None and row["rel_residual"] is None
+        else:
+            assert row["nfe"] in (1, 2, 4) and row["rel_residual"] >= 0
+    # The teacher's Anderson rows reduce the residual as the budget grows.
+    anderson = sorted((r["nfe"], r["rel_residual"]) for r in on_disk["rows"] if r["method"] == "teacher-anderson")
+    assert anderson[-1][1] < anderson[0][1]
+    for name in ("table.md", "quality_vs_nfe.png", "residual_vs_nfe.png", "quality_vs_time.png", "anderson_ablation.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@cora_present
+def test_rerun_resumes_from_cached_stages(tiny_run, capsys):
+    out, config, table = tiny_run
+    distilled, = student_dirs(out)
+    # Interrupt the distillation stage: drop its done marker; the rerun must redo only that stage
+    # (resuming from its checkpoint) and reuse the others.
+    (distilled / "done.json").unlink()
+    pipeline.run_pipeline(config, figures=False)
+    log = capsys.readouterr().out
+    assert "[teacher] cached" in log and "[trajectories] cached" in log
+    assert "[cdeq] done" in log and (distilled / "done.json").exists()
+
+
+@cora_present
+def test_changed_setting_gets_a_new_stage(tiny_run):
+    out, config, _ = tiny_run
+    changed = pipeline.PipelineConfig(task="cora", preset="tiny", out=str(out), settings={"lambda_task": 0.5})
+    run = pipeline.Run(changed)
+    _, summary = run.distill("anderson")
+    assert len(student_dirs(out)) == 2
+
+
+@cora_present
+def test_report_rebuilds_from_json(tiny_run, tmp_path):
+    out, _, table = tiny_run
+    shutil.copy(out / "table.json", tmp_path / "table.json")
+    rebuilt = write_report(tmp_path)
+    assert rebuilt["rows"] == json.loads((out / "table.json").read_text())["rows"]
+    md = (tmp_path / "table.md").read_text()
+    assert "| cdeq |" in md and "Command: `test`" in md
+    assert (tmp_path / "quality_vs_nfe.png").stat().st_size > 0
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(ValueError, match=r"unknown \['distil_steps'\]; valid settings: .*distill_steps"):
+        pipeline.PipelineConfig(task="cora", settings={"distil_steps": 3})
+
+
+def test_set_values_are_parsed_by_type():
+    from cdeq.cli import main
+
+    with pytest.raises(ValueError, match="--set distill_steps: expected a value like 2000, got 'many'"):
+        main(["run", "cora", "--set", "distill_steps=many", "--show-config"])
+
+
+def test_show_config_lists_resolved_settings(capsys):
+    from cdeq.cli import main
+
+    assert main(["run", "cora", "--preset", "small", "--set", "nfe=1,2", "--f_max_iter", "40", "--show-config"]) == 0
+    out = capsys.readouterr().out
+    assert "nfe = (1, 2)" in out and "distill_steps = 300" in out and "'f_max_iter': 40" in out
+
+
+def test_invalid_table_is_rejected():
+    with pytest.raises(ValueError, match="missing top-level keys"):
+        validate_table({"task": "cora"})
+    bad = {"task": "t", "command": "c", "device": "d", "commit": "x", "seed": 0, "metric": "accuracy",
+           "teacher_converged": {"nfe": 1, "value": 0.5},
+           "rows": [{"method": "explicit", "nfe": 2, "value": 0.1, "rel_residual": None, "time_ms": 1, "params": 1}]}
+    with pytest.raises(ValueError, match="explicit rows"):
+        validate_table(bad)
