@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
     "distill_steps": 2000, "distill_batch_size": 64, "distill_lr": 1e-3,
     "lambda_global": 0.8, "lambda_task": 0.05, "ema": 0.999, "distance": "mse",
-    "rollout_steps": 4,            # self-rollout steps in distillation (0: Algorithm 2 as printed)
+    "rollout_steps": None,         # self-rollout steps in distillation (None: the largest NFE evaluated,
+                                   # so the student trains on every state inference visits; 0: Algorithm 2)
     "hyper_steps": 1000, "direct_steps": 1000,
     "nfe": (1, 2, 4, 8),           # budgets of every method
     "teacher_nfe": (16, 32),       # extra budgets of the teacher rows
@@ -62,8 +63,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Per task: what differs from DEQ to DEQ (one graph is one sample; images and text have many).
 TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "cora": {"*": {"distill_batch_size": 1, "traj_steps": 30}},
-    "citeseer": {"*": {"distill_batch_size": 1, "traj_steps": 30}},
+    "cora": {"*": {"distill_batch_size": 1, "traj_steps": 30},
+             "cpu": {"distill_steps": 800, "hyper_steps": 400, "direct_steps": 400}},
+    "citeseer": {"*": {"distill_batch_size": 1, "traj_steps": 30},
+                 "cpu": {"distill_steps": 800, "hyper_steps": 400, "direct_steps": 400}},
     "fashion-mnist": {"small": {"traj_batches": 16}, "cpu": {"traj_batches": 40}, "gpu": {"traj_batches": None}},
     "mnist": {"small": {"traj_batches": 16}, "cpu": {"traj_batches": 40}, "gpu": {"traj_batches": None}},
     "gutenberg": {"small": {"traj_batches": 16}, "cpu": {"traj_batches": 40}, "gpu": {"traj_batches": None}},
@@ -81,7 +84,7 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(text)
             return text.lower() in ("true", "1")
-        if isinstance(default, int) or key.endswith(("_batches", "_batch_size", "_limit")):
+        if isinstance(default, int) or key.endswith(("_batches", "_batch_size", "_limit")) or key == "rollout_steps":
             return int(text)
         if isinstance(default, float) or key == "beta":
             return float(text)
@@ -349,7 +352,8 @@ class Run:
     def distill_settings(self) -> dict[str, Any]:
         return {"steps": self.s["distill_steps"], "lr": self.s["distill_lr"], "batch_size": self.s["distill_batch_size"],
                 "lambda_global": self.s["lambda_global"], "lambda_task": self.s["lambda_task"], "ema": self.s["ema"],
-                "distance": self.s["distance"], "rollout_steps": self.s["rollout_steps"]}
+                "distance": self.s["distance"],
+                "rollout_steps": max(self.s["nfe"]) if self.s["rollout_steps"] is None else self.s["rollout_steps"]}
 
     def distill(self, structure: str, name: Optional[str] = None, **changes: Any):
         """Distil a C-DEQ student (``structure`` "anderson" or "plain"); returns (student, summary)."""

@@ -216,7 +216,7 @@ def distill(
             if y_early is not None and bool(early.any()):
                 task_terms.append(task_fn(student.readout(select_rows(out, early)), y_early))
         if rollout_steps > 0:
-            outs = student.rollout(x, rollout_steps, detach=rollout_detach)
+            outs = student.rollout(x, rollout_steps, detach=rollout_detach, u=u)
             l_roll = torch.stack([dist(o, z_star) for o in outs]).mean()
             logs["global_rollout"] = float(l_roll.detach())
             l_global = (l_global + rollout_weight * l_roll) / (1.0 + rollout_weight)

@@ -210,15 +210,16 @@ class ConsistencyDEQ(nn.Module):
 
     # -- Algorithm 1 ---------------------------------------------------------------------------------
     def rollout(self, x: Any, steps: int, schedule: Optional[Sequence[float]] = None, *,
-                detach: bool = False, z0: Optional[State] = None) -> list[State]:
+                detach: bool = False, z0: Optional[State] = None, u: Any = None) -> list[State]:
         """Algorithm 1 with gradients: the states z_{t_1}..z_{t_J} after each of the J steps.
 
         Step j evaluates h once, at (z_{t_j}, t_j); the AA step reuses h at the previous state.
         ``detach`` cuts the graph between steps (each step then learns from its own earlier
-        estimates as fixed inputs). ``z0`` defaults to the teacher's ``init_state`` (zeros).
+        estimates as fixed inputs). ``z0`` defaults to the teacher's ``init_state`` (zeros); ``u``,
+        the injection ``self.inject(x)``, may be passed when the caller has it already.
         """
         times = self.schedule.inference_times(steps, schedule)
-        u = self.inject(x)
+        u = self.inject(x) if u is None else u
         z = self.backbone.init_state(u) if z0 is None else z0
         calls0 = self._calls
         outs: list[State] = []
