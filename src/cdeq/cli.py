@@ -24,6 +24,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                              "cpu (under an hour on 2 CPU cores), gpu")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
     parser.add_argument("--out", default=None, help="run directory (default runs/TASK-PRESET-seedSEED)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one pipeline setting (e.g. --set distill_steps=2000); "
@@ -58,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from cdeq.pipeline import PipelineConfig, run_ablation, run_pipeline
+
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            parser.error(f"--threads: expected an int >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     config = PipelineConfig.from_args(args, command="cdeq " + " ".join(argv))
     if args.show_config:
