@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher_preset": "cpu",       # the task's training recipe (tiny | cpu | gpu)
     "teacher_from": None,          # a finished teacher run (`python -m cdeq.tasks.train`) to load instead
     "explicit_from": None,         # likewise for the explicit baseline
+    "explicit_steps": None,        # training steps of the explicit baseline (None: the task recipe's)
     "traj_steps": 30,              # K: Anderson steps of the teacher trajectory
     "traj_batches": None,          # training batches to sample trajectories on (None: all)
     "traj_batch_size": None,       # None: the task's batch size
@@ -70,10 +71,12 @@ TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     # MDEQ and the DEQ transformer cost far more per call than IGNN: on 2 CPU cores the trajectory
     # set, the training lengths and the evaluated test batches are cut so a run fits in an hour.
     "fashion-mnist": {"*": {"traj_batches": 16, "distill_batch_size": 32},
-                      "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 20},
+                      "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 20,
+                              "explicit_steps": 300},
                       "gpu": {"traj_batches": 200, "distill_batch_size": 128}},
     "mnist": {"*": {"traj_batches": 16, "distill_batch_size": 32},
-              "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 20},
+              "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 20,
+                              "explicit_steps": 300},
               "gpu": {"traj_batches": 200, "distill_batch_size": 128}},
     "gutenberg": {"*": {"traj_batches": 64, "distill_batch_size": 16},
                   "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 40},
@@ -259,7 +262,8 @@ class Run:
         self.teacher_stage = Stage(self.run_dir, "teacher", {**base, "preset": self.s["teacher_preset"], "deq": config.deq,
                                                              "from": self._source_hash("teacher_from")})
         self.explicit_stage = Stage(self.run_dir, "explicit", {**base, "preset": self.s["teacher_preset"],
-                                                               "from": self._source_hash("explicit_from")})
+                                                               "from": self._source_hash("explicit_from"),
+                                                               "steps": self.s["explicit_steps"]})
         traj_keys = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_aug", "anderson_m")
         self.traj_stage = Stage(self.run_dir, "trajectories", {"teacher": self.teacher_stage.key,
                                                                 **{k: self.s[k] for k in traj_keys}})
@@ -334,7 +338,12 @@ class Run:
         def fn(d: Path) -> dict[str, Any]:
             if self.s["explicit_from"] is not None:
                 return self._copy_run(Path(self.s["explicit_from"]), d)
-            metrics = self.task.train_explicit(d, preset=self.s["teacher_preset"], seed=self.config.seed, device=str(self.device))
+            overrides = {}
+            if self.s["explicit_steps"] is not None:
+                recipe = self.task.recipe(self.s["teacher_preset"])
+                overrides["explicit_train"] = {**recipe.get("explicit_train", recipe["train"]), "steps": self.s["explicit_steps"]}
+            metrics = self.task.train_explicit(d, preset=self.s["teacher_preset"], seed=self.config.seed,
+                                               device=str(self.device), **overrides)
             return {self.task.metric: metrics["test"][self.task.metric]}
         return self.explicit_stage.run(fn)
 
