@@ -116,7 +116,7 @@ def test_mdeq_starts_well_conditioned():
     """The cpu-preset MDEQ's damped initial recurrence: Anderson gets within ~1e-3 in 30 steps
     (with unit gains it stalls near 1e-1)."""
     torch.manual_seed(0)
-    model = models.get("mdeq", channels=(32, 64), head_channels=(32, 64, 256), stem_stride=2).eval()
+    model = models.get("mdeq", channels=(32, 64), head_channels=(32, 64, 128), stem_stride=2).eval()
     reset_norm(model)
     with torch.no_grad():
         u = model.inject(torch.randn(4, 1, 28, 28))
@@ -204,7 +204,7 @@ def test_cpu_presets_match_parameter_counts():
     """The explicit baselines of the cpu presets are within 10% of their teacher's size."""
     lm = models.get("deq-transformer", vocab_size=10000, d_model=128, n_heads=4, d_ff=512, max_len=64)
     tr = models.get("transformer", vocab_size=10000, d_model=128, n_heads=4, d_ff=512, max_len=64)
-    mdeq = models.get("mdeq", channels=(32, 64), stem_stride=2, head_channels=(32, 64, 256))
+    mdeq = models.get("mdeq", channels=(32, 64), stem_stride=2, head_channels=(32, 64, 128))
     res = models.get("resnet", channels=(48, 96), stem_stride=1)
     ignn = models.get("ignn", edge_index=_ring(10), num_nodes=10, in_features=1433, num_classes=7, hidden=64)
     gcn = models.get("gcn", edge_index=_ring(10), num_nodes=10, in_features=1433, num_classes=7, hidden=64)

@@ -108,10 +108,11 @@ class _ResBlock(nn.Module):
 
 class ResNet(nn.Module):
     """A small residual CNN: a stem, one residual block per stage (the first stage at the stem's
-    resolution, each later one halving it), global average pooling and a linear classifier."""
+    resolution, each later one halving it), average pooling to a ``pool x pool`` grid and a linear
+    classifier of the flattened grid (as the MDEQ's readout)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: Sequence[int] = (32, 64),
-                 stem_stride: int = 1, blocks_per_stage: int = 1, groups: int = 4) -> None:
+                 stem_stride: int = 1, blocks_per_stage: int = 1, groups: int = 4, pool: int = 4) -> None:
         super().__init__()
         c0 = channels[0]
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c0, 3, stride=stem_stride, padding=1, bias=False),
@@ -123,12 +124,13 @@ class ResNet(nn.Module):
                 stages.append(_ResBlock(cin, c, 2 if (i > 0 and k == 0) else 1, groups))
                 cin = c
         self.stages = nn.Sequential(*stages)
-        self.classifier = nn.Linear(cin, num_classes)
+        self.pool = pool
+        self.classifier = nn.Linear(cin * pool * pool, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"x: expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        return self.classifier(self.stages(self.stem(x)).mean(dim=(2, 3)))
+        return self.classifier(F.adaptive_avg_pool2d(self.stages(self.stem(x)), self.pool).flatten(1))
 
 
 class _Block(nn.Module):

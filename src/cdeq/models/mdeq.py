@@ -16,13 +16,16 @@ The convolutions of the layer are weight-normalised (Eq. 13, :func:`cdeq.apply_n
 smooths the equilibrium landscape (torchdeq paper Sec. 2.5).
 
 The readout maps each resolution to head channels, merges them by downsampling into the lowest
-resolution, and classifies the globally average-pooled features.
+resolution, average-pools that map to a ``pool x pool`` grid and classifies the flattened grid.
+(Global average pooling, ``pool=1``, learns MNIST several times slower with GroupNorm: its loss
+after 60 steps is 1.8 where a 4x4 grid gives 0.2.)
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdeq.models.protocol import DEQModel
@@ -84,6 +87,7 @@ class MDEQ(DEQModel):
         stem_stride: 1 keeps the input resolution for the first state part (28x28 for MNIST),
             2 halves it (14x14) to make the equilibrium four times cheaper.
         head_channels: per-resolution channels of the readout, then the pooled feature width.
+        pool: the readout's pooled grid size.
         groups: GroupNorm groups.
         weight_norm: weight-normalise the layer's convolutions (Eq. 13).
     """
@@ -91,8 +95,8 @@ class MDEQ(DEQModel):
     feature_dim = 1
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: Sequence[int] = (32, 64),
-                 stem_stride: int = 1, head_channels: Sequence[int] = (32, 64, 256), groups: int = 4,
-                 weight_norm: bool = True) -> None:
+                 stem_stride: int = 1, head_channels: Sequence[int] = (32, 64, 128), groups: int = 4,
+                 pool: int = 4, weight_norm: bool = True) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if len(channels) < 2:
@@ -130,7 +134,8 @@ class MDEQ(DEQModel):
         self.head_down = nn.ModuleList(
             nn.Sequential(_conv3(h[i], h[i + 1], stride=2), _gn(h[i + 1], groups), nn.ReLU()) for i in range(n - 1))
         self.head_final = nn.Sequential(nn.Conv2d(h[n - 1], h[n], 1, bias=False), _gn(h[n], groups), nn.ReLU())
-        self.classifier = nn.Linear(h[n], num_classes)
+        self.pool = pool
+        self.classifier = nn.Linear(h[n] * pool * pool, num_classes)
 
     def inject(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
@@ -161,5 +166,5 @@ class MDEQ(DEQModel):
         for i, down in enumerate(self.head_down):
             h = down(h) + self.head_in[i + 1](z[i + 1])
         h = self.head_final(h)
-        return self.classifier(h.mean(dim=(2, 3)))
+        return self.classifier(F.adaptive_avg_pool2d(h, self.pool).flatten(1))
 

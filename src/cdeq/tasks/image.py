@@ -24,7 +24,7 @@ VAL_SIZE = 5000
 # landscape easy), evaluation up to 30 (the teacher's working budget).
 _DEQ = {"f_solver": "anderson", "f_max_iter": 12, "f_tol": 1e-3, "eval_max_iter": 30,
         "backward": "phantom", "phantom_steps": 3, "tau": 0.8}
-_MDEQ = {"channels": (32, 64), "stem_stride": 2, "head_channels": (32, 64, 256)}  # 172K parameters
+_MDEQ = {"channels": (32, 64), "stem_stride": 2, "head_channels": (32, 64, 128)}  # 181K parameters
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"teacher": {"channels": (8, 16), "stem_stride": 2, "head_channels": (8, 16, 32)},
              "deq": {**_DEQ, "f_max_iter": 4, "eval_max_iter": 4, "phantom_steps": 1},
@@ -35,7 +35,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
             "train": {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "warmup": 50, "checkpoint_every": 50,
                       "log_every": 10},
             "batch_size": 128, "val_batches": 20, "jac_weight": 0.5,
-            "explicit": {"channels": (48, 96), "stem_stride": 1}},  # 171K parameters
+            "explicit": {"channels": (48, 96), "stem_stride": 1}},  # 187K parameters
     "gpu": {"teacher": {**_MDEQ, "stem_stride": 1}, "deq": _DEQ,
             "train": {"steps": 4700, "lr": 2e-3, "weight_decay": 1e-4, "warmup": 200, "checkpoint_every": 500,
                       "log_every": 50},
