@@ -253,6 +253,7 @@ class Run:
         from cdeq import tasks
 
         self.config = config
+        self.commit = git_commit()  # the code this run executes (taken before any stage runs)
         self.s = config.settings
         self.device = torch.device(config.device)
         self.run_dir = Path(config.out)
@@ -528,7 +529,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
                                         sum(p.numel() for p in direct.trainable_parameters())))
     rows.append(run.evaluate_method("explicit", None, None, lambda x: explicit(x), _params(explicit)))
     table = {
-        "task": config.task, "command": config.command, "device": device_name(run.device), "commit": git_commit(),
+        "task": config.task, "command": config.command, "device": device_name(run.device), "commit": run.commit,
         "seed": config.seed, "preset": config.preset, "teacher_converged": run.converged_teacher(),
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
         "rows": rows,
@@ -569,7 +570,7 @@ def run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
     pct = run.task.metric == "accuracy"
     lines = [f"## {config.task}: C-DEQ ablation over {outer} x {inner}", "",
              f"Test {run.task.metric} of the distilled student at NFE {', '.join(map(str, run.s['nfe']))} "
-             f"(device {device_name(run.device)}, seed {config.seed}, commit {git_commit()[:10]}).", "",
+             f"(device {device_name(run.device)}, seed {config.seed}, commit {run.commit[:10]}).", "",
              f"| {outer} | {inner} | " + " | ".join(f"NFE {k}" for k in run.s["nfe"]) + " |",
              "|---|---|" + "---:|" * len(run.s["nfe"])]
     for r in results:
@@ -577,7 +578,7 @@ def run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
         lines.append(f"| {r[outer]} | {r[inner]} | {cells} |")
     lines += ["", f"Command: `{config.command}`", ""]
     out = {"task": config.task, "grid": grid, "command": config.command, "device": device_name(run.device),
-           "commit": git_commit(), "seed": config.seed, "metric": run.task.metric,
+           "commit": run.commit, "seed": config.seed, "metric": run.task.metric,
            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in run.s.items()}, "results": results}
     atomic_write_json(run.run_dir / f"ablation-{grid}.json", out)
     atomic_write_text(run.run_dir / f"ablation-{grid}.md", "\n".join(lines))
