@@ -27,7 +27,6 @@ from cdeq.models import DEQModel, num_parameters
 from cdeq.training import BEST, CHECKPOINT, METRICS, TrainConfig, fit
 
 IGNORE = -100
-METRICS_KINDS = ("accuracy", "perplexity")
 Batch = tuple[Any, Tensor]
 
 
