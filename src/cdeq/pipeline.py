@@ -483,6 +483,21 @@ class Run:
             return fn
         return [self.evaluate_method(name, k, state_fn(k), None, _params(teacher)) for k in budgets]
 
+    def bare_layer_time_ms(self, budgets: list[int]) -> dict[str, float]:
+        """The floor the issue measures C-DEQ's time against: the injection, k bare calls of the
+        teacher's layer and the readout, on the same first test batch, for each k in ``budgets``."""
+        teacher = self.teacher()
+        x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
+        x0 = _to(x0, self.device)
+
+        def call(k: int) -> Tensor:
+            u = teacher.inject(x0)
+            z = teacher.init_state(u)
+            for _ in range(k):
+                z = teacher.layer(z, u)
+            return teacher.readout(z)
+        return {str(k): time_ms(lambda k=k: call(k), self.device, repeats=self.s["time_repeats"]) for k in budgets}
+
     def converged_teacher(self) -> dict[str, Any]:
         """The teacher at its working tolerance: its metric and mean NFE."""
         teacher, nfes = self.teacher(), []
@@ -532,6 +547,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
         "task": config.task, "command": config.command, "device": device_name(run.device), "commit": run.commit,
         "seed": config.seed, "preset": config.preset, "teacher_converged": run.converged_teacher(),
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+        "bare_layer_time_ms": run.bare_layer_time_ms(list(s["nfe"])),
         "rows": rows,
     }
     write_report(run.run_dir, table, figures=figures)

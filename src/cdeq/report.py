@@ -65,6 +65,10 @@ def markdown_table(table: dict[str, Any]) -> str:
             f"| {row['method']} | {row['params'] / 1e3:.1f}K | {_fmt(row['nfe'], 'd')} | {value:.2f} | "
             f"{_fmt(row['rel_residual'], '.2e')} | {_fmt(row['time_ms'], '.2f')} | {_fmt(row.get('peak_mem_mb'), '.1f')} |"
         )
+    bare = table.get("bare_layer_time_ms")
+    if bare:
+        lines += ["", "Time of the injection, k bare teacher-layer calls and the readout (same batch): "
+                  + ", ".join(f"k={k}: {v:.2f} ms" for k, v in bare.items()) + "."]
     lines += ["", f"Command: `{table['command']}`", ""]
     return "\n".join(lines)
 
