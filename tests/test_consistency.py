@@ -18,15 +18,6 @@ from cdeq.consistency.trajectories import sample_trajectories
 from cdeq.models.protocol import DEQModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is much faster on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class ToyDEQ(DEQModel):
     """z* = tanh(W z* + U x), ||W||_2 = contraction < 1 (a contraction); logits = head(z)."""
 

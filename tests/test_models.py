@@ -10,15 +10,6 @@ from cdeq.models.ignn import normalized_adjacency, perron_frobenius, project_row
 from cdeq.norm import reset_norm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not stall when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ring(n: int) -> torch.Tensor:
     src = torch.arange(n)
     dst = (src + 1) % n

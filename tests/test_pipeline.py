@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from cdeq import pipeline
 from cdeq.report import METHODS, validate_table, write_report
@@ -25,7 +24,6 @@ def student_dirs(out: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run") / "cora-tiny"
     config = pipeline.PipelineConfig(task="cora", preset="tiny", out=str(out), command="test")
     table = pipeline.run_pipeline(config, figures=True)

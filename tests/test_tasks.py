@@ -18,15 +18,6 @@ from cdeq.training import CHECKPOINT, METRICS
 _TASKS: dict[str, tasks.Task] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not stall when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _task(name: str) -> tasks.Task:
     if not cdeq.data.describe(name).present:
         pytest.skip(f"data set {name!r} is not on this machine (fetch it with `python -m cdeq.data fetch {name}`)")

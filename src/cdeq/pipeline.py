@@ -530,7 +530,6 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
     explicit = run.explicit()
 
     print("[evaluate] test split", flush=True)
-    teacher = run.teacher()
     rows = run.teacher_rows("anderson", sorted(set(s["nfe"]) | set(s["teacher_nfe"])))
     rows += run.teacher_rows("fixed_point", sorted(set(s["nfe"]) | set(s["teacher_nfe"])))
     for k in s["nfe"]:
