@@ -1,0 +1,34 @@
+"""Print the README's results summary from results/*/table.json (the figures are never typed by hand).
+
+Usage: python scripts/results_summary.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "results"
+METHODS = ("teacher-anderson", "hyperdeq", "direct", "cdeq-plain", "cdeq")
+
+
+def main() -> None:
+    for path in sorted(ROOT.glob("*/table.json")):
+        t = json.loads(path.read_text())
+        acc = t["metric"] == "accuracy"
+        fmt = (lambda v: f"{v * 100:.1f}") if acc else (lambda v: f"{v:.1f}")
+        nfes = sorted({r["nfe"] for r in t["rows"] if r["method"] == "cdeq"})
+        value = {(r["method"], r["nfe"]): r["value"] for r in t["rows"]}
+        explicit = next(r["value"] for r in t["rows"] if r["method"] == "explicit")
+        tc = t["teacher_converged"]
+        print(f"**{t['task']}** ({'accuracy %' if acc else 'perplexity'}; converged teacher {fmt(tc['value'])} "
+              f"at {tc['nfe']:.1f} NFE, explicit {fmt(explicit)}; {t['device']}, seed {t['seed']}, "
+              f"commit {t['commit'][:10]}; [table](results/{path.parent.name}/table.md))\n")
+        print("| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
+        print("|---|" + "---:|" * len(nfes))
+        for m in METHODS:
+            print(f"| {m} | " + " | ".join(fmt(value[(m, k)]) if (m, k) in value else "–" for k in nfes) + " |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
