@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_consistency import ToyDEQ, one_thread, toy_batches  # noqa: F401
+from test_consistency import ToyDEQ, toy_batches
 
 from cdeq.baselines import train_direct
 from cdeq.consistency import ConsistencyDEQ, sample_trajectories

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_consistency import ToyDEQ, ToyTupleDEQ, _count_layer_calls, one_thread, toy_batches  # noqa: F401
+from test_consistency import ToyDEQ, ToyTupleDEQ, _count_layer_calls, toy_batches
 
 import cdeq
 from cdeq.baselines import HyperDEQ, train_hyperdeq

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from test_consistency import ToyDEQ, ToyTupleDEQ, one_thread, toy_batches  # noqa: F401 (fixture)
+from test_consistency import ToyDEQ, ToyTupleDEQ, toy_batches
 
 import cdeq
 from cdeq.consistency import trajectories as trajmod
