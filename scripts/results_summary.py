@@ -27,7 +27,10 @@ def main() -> None:
         print("|---|" + "---:|" * len(nfes))
         for m in METHODS:
             print(f"| {m} | " + " | ".join(fmt(value[(m, k)]) if (m, k) in value else "–" for k in nfes) + " |")
-        print()
+        ratios = {k: value[("cdeq", k)] / tc["value"] for k in nfes}
+        what = "of the converged teacher's accuracy" if acc else "x the converged teacher's perplexity"
+        print("\nC-DEQ: " + ", ".join(f"NFE {k}: {r * 100:.1f}%" if acc else f"NFE {k}: {r:.3f}"
+                                     for k, r in ratios.items()) + f" {what}.\n")
 
 
 if __name__ == "__main__":
