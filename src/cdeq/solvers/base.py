@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from cdeq.state import State, StateLayout, as_tuple, batch_norm2
+from cdeq.state import State, StateLayout, batch_norm2
 
 FlatFn = Callable[[Tensor], Tensor]
 ReturnStates = Union[None, str, Sequence[int]]
@@ -126,26 +126,9 @@ class _CountedF:
     def __call__(self, z: Tensor) -> Tensor:
         out = self.f(self.layout.unflatten(z))
         if self.calls == 0:
-            self._check(out)
+            self.layout.check(out, "f(z)")
         self.calls += 1
         return self.layout.flatten(out)
-
-    def _check(self, out: State) -> None:
-        lay = self.layout
-        parts = as_tuple(out)
-        if isinstance(out, (tuple, list)) != lay.is_tuple or len(parts) != len(lay.shapes):
-            got = f"a tuple of {len(parts)} tensors" if isinstance(out, (tuple, list)) else type(out).__name__
-            want = f"a tuple of {len(lay.shapes)} tensors" if lay.is_tuple else "a tensor"
-            raise ValueError(f"f returned {got} but z0 is {want}")
-        for i, (p, shape) in enumerate(zip(parts, lay.shapes)):
-            where = f" (part {i})" if lay.is_tuple else ""
-            if not isinstance(p, Tensor):
-                raise TypeError(f"f returned {type(p).__name__}{where} but z0 holds tensors")
-            if p.shape != shape:
-                raise ValueError(f"f returned shape {tuple(p.shape)}{where} but z0 has shape {tuple(shape)}")
-            if p.dtype != lay.dtype:
-                raise TypeError(f"f returned dtype {p.dtype}{where} but z0 has dtype {lay.dtype}")
-
 
 def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", max_iter: int = 50,
           tol: float = 1e-4, stop_mode: str = "rel", return_states: ReturnStates = None,
