@@ -20,7 +20,7 @@ def main() -> None:
         value = {(r["method"], r["nfe"]): r["value"] for r in t["rows"]}
         explicit = next(r["value"] for r in t["rows"] if r["method"] == "explicit")
         tc = t["teacher_converged"]
-        print(f"**{t['task']}** ({'accuracy %' if acc else 'perplexity'}; converged teacher {fmt(tc['value'])} "
+        print(f"**{t['task']}**, preset {t.get('preset', '?')} ({'accuracy %' if acc else 'perplexity'}; converged teacher {fmt(tc['value'])} "
               f"at {tc['nfe']:.1f} NFE, explicit {fmt(explicit)}; {t['device']}, seed {t['seed']}, "
               f"commit {t['commit'][:10]}; [table](results/{path.parent.name}/table.md))\n")
         print("| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
@@ -30,7 +30,13 @@ def main() -> None:
         ratios = {k: value[("cdeq", k)] / tc["value"] for k in nfes}
         what = "of the converged teacher's accuracy" if acc else "x the converged teacher's perplexity"
         print("\nC-DEQ: " + ", ".join(f"NFE {k}: {r * 100:.1f}%" if acc else f"NFE {k}: {r:.3f}"
-                                     for k, r in ratios.items()) + f" {what}.\n")
+                                     for k, r in ratios.items()) + f" {what}.")
+        bare = t.get("bare_layer_time_ms")
+        if bare:
+            times = {r["nfe"]: r["time_ms"] for r in t["rows"] if r["method"] == "cdeq"}
+            print("C-DEQ time / (injection + k bare layer calls + readout): "
+                  + ", ".join(f"NFE {k}: {times[k] / bare[str(k)]:.2f}x" for k in nfes if str(k) in bare) + ".")
+        print()
 
 
 if __name__ == "__main__":
