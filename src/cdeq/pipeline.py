@@ -84,6 +84,10 @@ TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Settings whose default is None but whose values are integers.
+_INT_SETTINGS = {"traj_batches", "traj_batch_size", "eval_batch_size", "eval_limit", "rollout_steps", "explicit_steps"}
+
+
 def _parse_value(key: str, text: str, default: Any) -> Any:
     """``text`` read as the type of ``default`` (tuples are comma-separated ints)."""
     if text.lower() == "none":
@@ -95,7 +99,7 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(text)
             return text.lower() in ("true", "1")
-        if isinstance(default, int) or key.endswith(("_batches", "_batch_size", "_limit")) or key == "rollout_steps":
+        if isinstance(default, int) or key in _INT_SETTINGS:
             return int(text)
         if isinstance(default, float) or key == "beta":
             return float(text)
