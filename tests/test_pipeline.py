@@ -96,6 +96,13 @@ def test_set_values_are_parsed_by_type():
         main(["run", "cora", "--set", "distill_steps=many", "--show-config"])
 
 
+def test_set_integer_settings_with_none_default():
+    parse = pipeline._parse_value
+    assert parse("explicit_steps", "200", None) == 200 and parse("eval_limit", "none", None) is None
+    assert parse("beta", "0.5", None) == 0.5 and parse("teacher_from", "runs/x", None) == "runs/x"
+    assert parse("nfe", "1,2,4", (1, 2)) == (1, 2, 4)
+
+
 def test_show_config_lists_resolved_settings(capsys):
     from cdeq.cli import main
 
