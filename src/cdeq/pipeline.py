@@ -25,7 +25,7 @@ from torch import Tensor
 
 from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
 from cdeq.measure import peak_memory_mb, time_ms
-from cdeq.state import batch_norm2
+from cdeq.state import batch_norm2, to_device
 from cdeq.training import BEST, CHECKPOINT, METRICS
 
 # Settings of every stage; presets change some, `--set key=value` any.
@@ -242,10 +242,6 @@ def _line(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, Tensor) else tuple(_to(p, device) for p in x) if isinstance(x, tuple) else x
-
-
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -358,7 +354,7 @@ class Run:
         def fn(d: Path) -> dict[str, Any]:
             batches = self.task.batches("train", batch_size=self.s["traj_batch_size"], shuffle=True,
                                         limit=self.s["traj_batches"], seed=self.config.seed)
-            traj = sample_trajectories(self.teacher(), ((_to(x, self.device), y) for x, y in batches),
+            traj = sample_trajectories(self.teacher(), ((to_device(x, self.device), y) for x, y in batches),
                                        steps=self.s["traj_steps"], solver="anderson",
                                        solver_options={"m": self.s["anderson_m"]}, p_aug=self.s["p_aug"],
                                        cache_dir=d / "cache", dtype=getattr(torch, self.s["traj_dtype"]),
@@ -449,7 +445,7 @@ class Run:
         residuals: list[Tensor] = []
 
         def predict(x: Any) -> Tensor:
-            x = _to(x, self.device)
+            x = to_device(x, self.device)
             if state_fn is None:
                 return logits_fn(x)
             z = state_fn(x)
@@ -459,7 +455,7 @@ class Run:
         with torch.no_grad():
             value = self.task.evaluate(predict, "test", batch_size=self.s["eval_batch_size"], limit=self.s["eval_limit"])
             x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
-            x0 = _to(x0, self.device)
+            x0 = to_device(x0, self.device)
             call = (lambda: self.teacher().readout(state_fn(x0))) if state_fn is not None else (lambda: logits_fn(x0))
             ms = time_ms(call, self.device, repeats=self.s["time_repeats"])
             mem = peak_memory_mb(call, self.device)
@@ -492,7 +488,7 @@ class Run:
         teacher's layer and the readout, on the same first test batch, for each k in ``budgets``."""
         teacher = self.teacher()
         x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
-        x0 = _to(x0, self.device)
+        x0 = to_device(x0, self.device)
 
         def call(k: int) -> Tensor:
             u = teacher.inject(x0)
@@ -507,7 +503,7 @@ class Run:
         teacher, nfes = self.teacher(), []
 
         def predict(x: Any) -> Tensor:
-            logits, info = teacher(_to(x, self.device))
+            logits, info = teacher(to_device(x, self.device))
             nfes.append(info.steps.float().cpu())
             return logits
 
@@ -540,8 +536,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
         rows.append(run.evaluate_method("hyperdeq", k, lambda x, k=k: hyper.solve(x, nfe=k), None, _params(hyper)))
         for name, student in (("cdeq", cdeq_student), ("cdeq-plain", plain_student)):
             rows.append(run.evaluate_method(name, k, lambda x, k=k, st=student: st.infer(x, steps=k), None,
-                                            student.num_parameters() if hasattr(student, "num_parameters")
-                                            else sum(p.numel() for p in student.trainable_parameters())))
+                                            sum(p.numel() for p in student.trainable_parameters())))
         direct = directs[k]
         rows.append(run.evaluate_method("direct", k, lambda x, k=k, m=direct: m.infer(x, steps=k), None,
                                         sum(p.numel() for p in direct.trainable_parameters())))

@@ -7,7 +7,7 @@ dtype mismatch is an error naming the argument instead of a silent broadcast.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +27,16 @@ def map_state(fn: Callable[..., Tensor], *states: State) -> State:
     if isinstance(states[0], (tuple, list)):
         return tuple(fn(*parts) for parts in zip(*states))
     return fn(*states)
+
+
+def to_device(x: Any, device: Union[str, torch.device]) -> Any:
+    """An input or state (a tensor, a tuple of tensors, or None) moved to ``device``; anything else
+    (e.g. a graph object) is returned as it is."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return tuple(to_device(p, device) for p in x)
+    return x
 
 
 class StateLayout:

@@ -13,7 +13,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from cdeq.consistency.distill import prepare, to_device
+from cdeq.consistency.distill import prepare
+from cdeq.state import to_device
 from cdeq.consistency.losses import TaskLoss, cross_entropy
 from cdeq.consistency.loop import check_int, optim_config, run
 from cdeq.consistency.student import ConsistencyDEQ

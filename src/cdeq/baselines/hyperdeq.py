@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdeq.consistency.distill import prepare, to_device
+from cdeq.consistency.distill import prepare
+from cdeq.state import to_device
 from cdeq.consistency.losses import mean_square, state_distance
 from cdeq.consistency.loop import check_int, optim_config, run
 from cdeq.consistency.trajectories import Trajectories

@@ -28,14 +28,7 @@ from cdeq.consistency.losses import DISTANCES, TaskLoss, cross_entropy, mean_squ
 from cdeq.consistency.loop import check_int, optim_config, run
 from cdeq.consistency.student import ConsistencyDEQ
 from cdeq.consistency.trajectories import Trajectories
-from cdeq.state import State, StateLayout, map_state
-
-
-def to_device(x: Any, device: torch.device) -> Any:
-    """A tensor or tuple of tensors (or None) moved to ``device``."""
-    if x is None:
-        return None
-    return map_state(lambda t: t.to(device), x)
+from cdeq.state import State, StateLayout, map_state, to_device
 
 
 def select_rows(z: State, mask: Tensor) -> State:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdeq.io import atomic_write_json, load_checkpoint
+from cdeq.state import to_device
 from cdeq.models import DEQModel, num_parameters
 from cdeq.training import BEST, CHECKPOINT, METRICS, TrainConfig, fit
 
@@ -168,10 +169,10 @@ class Task:
 
         def stream(epoch: int) -> Iterator[Batch]:
             for x, y in self.batches("train", batch_size=batch_size, shuffle=True, seed=seed * 100003 + epoch, **opts):
-                yield _to(x, device), y.to(device)
+                yield to_device(x, device), y.to(device)
 
         def validate(m: nn.Module) -> dict[str, float]:
-            return {self.metric: self.evaluate(lambda x: _logits(m, _to(x, device)), "val", batch_size=batch_size,
+            return {self.metric: self.evaluate(lambda x: _logits(m, to_device(x, device)), "val", batch_size=batch_size,
                                                limit=recipe.get("val_batches"), **opts)}
 
         after = getattr(model, "project_", None)
@@ -181,7 +182,7 @@ class Task:
                       maximize=self.higher_is_better, after_step=after, resume=resume, device=device,
                       name=f"{self.name}/{kind}", meta=meta, progress=progress)
         model.eval()
-        metrics["test"] = {self.metric: self.evaluate(lambda x: _logits(model, _to(x, device)), "test",
+        metrics["test"] = {self.metric: self.evaluate(lambda x: _logits(model, to_device(x, device)), "test",
                                                       batch_size=batch_size, limit=recipe.get("test_batches"), **opts)}
         atomic_write_json(Path(run_dir) / METRICS, metrics)
         print(f"[{self.name}/{kind}] test {self.metric} {metrics['test'][self.metric]:.4f}", flush=True)
@@ -234,10 +235,6 @@ class Task:
         state = load_checkpoint(run_dir / BEST, map_location=device)["model"] if (run_dir / BEST).exists() else ckpt["model"]
         model.load_state_dict(state)
         return model.to(device).eval()
-
-
-def _to(x: Any, device: str | torch.device) -> Any:
-    return x.to(device) if isinstance(x, Tensor) else x
 
 
 def _logits(model: nn.Module, x: Any) -> Tensor:
