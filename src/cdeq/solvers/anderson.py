@@ -5,7 +5,10 @@ minimises ||G alpha||^2 + lam * s * ||alpha||^2 subject to 1^T alpha = 1 (s = me
 That makes alpha proportional to H^{-1} 1 with H = G G^T + lam * s * I, and bounds
 ||alpha||^2 <= m / lam, so the regulariser is scale-free. Ring buffers hold g_i and y_i = z_i + tau g_i;
 each step writes one slot of each, adds one row/column to the Gram matrix with one bmm, solves the
-small system batched (float32, float64 for float64 states) and mixes with one more bmm.
+small system batched (float32, float64 for float64 states) and mixes with one more bmm. A frozen
+sample (met tol, or diverged) gets y = z (damping weight 0, f(z) with non-finite entries zeroed)
+and alpha = e_slot, so the mix itself returns its old iterate: no masked select over the state (a
+broadcast ``where`` costs several times a ``lerp`` on CPU).
 """
 from __future__ import annotations
 
@@ -35,15 +38,16 @@ class _Window:
         self.H, self.H_diag = H[:, :n, :n], H[:, :n, :n].diagonal(dim1=1, dim2=2)
         self.ones, self.fallback = ones[:, :n], eye[s, :n]
 
-    def weights(self, lam: float) -> Tensor:
+    def weights(self, lam: float, advance: Tensor) -> Tensor:
         """alpha = H^{-1} 1 / (1^T H^{-1} 1), H = G G^T + lam * mean(diag) * I (Eq. 9); a sample whose
-        alpha is non-finite or huge (singular H) takes e_s, a damped fixed-point step. No host sync."""
+        alpha is non-finite or huge (singular H) takes e_s, a damped fixed-point step, and so does a
+        frozen one (``advance`` False; its y_s is its old iterate). No host sync."""
         self.H.copy_(self.gram)
         self.H_diag.add_(self.gram_diag.mean(dim=1, keepdim=True), alpha=lam)
         beta = torch.linalg.solve_ex(self.H, self.ones)[0].squeeze(2)
         alpha = beta / beta.sum(dim=1, keepdim=True)
         ok = torch.linalg.vector_norm(alpha, float("inf"), dim=1, keepdim=True) <= ALPHA_LIMIT
-        return torch.where(ok, alpha, self.fallback)
+        return torch.where(ok & advance, alpha, self.fallback)
 
 
 def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
@@ -76,23 +80,22 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         fz = f(z)
         k += 1
         torch.sub(fz, z, out=w.g)
-        if tau == 1:
-            w.y.copy_(fz)
-        else:
-            torch.lerp(z, fz, tau, out=w.y)
         row = torch.bmm(w.g_row, w.GT).squeeze(1)  # <g_k, g_i>: one new row/column of G G^T
         if row.dtype != work:
             row = row.to(work)
         w.gram_row.copy_(row)
         w.gram_col.copy_(row)
         advance = mon.observe(k, row[:, w.s].sqrt(), vector_norm(fz) if mon.needs_rel else None)
+        # y = z + tau g, or exactly z for a frozen sample (a non-finite f(z) zeroed so 0 * it stays 0)
+        torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0, out=w.y)
+        torch.lerp(z, w.y, advance.to(dtype) * tau, out=w.y)
         out = buffers[k % 2]
         if w.n == 1:
             out.copy_(w.y)
         else:
-            alpha = w.weights(lam)
+            alpha = w.weights(lam, advance)
             torch.bmm((alpha if dtype == work else alpha.to(dtype)).unsqueeze(1), w.Y, out=outs[k % 2])
-        z = torch.where(advance, out, z, out=out)
+        z = out
         mon.record(k, z)
         if mon.done():
             break
