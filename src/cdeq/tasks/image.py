@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cdeq.models import MDEQ, ResNet
-from cdeq.tasks.base import Batch, Task
+from cdeq.tasks.base import Batch, Task, merged
 
 VAL_SIZE = 5000
 
@@ -42,6 +42,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 128, "val_batches": None, "jac_weight": 0.5,
             "explicit": {"channels": (48, 96), "stem_stride": 1}},
 }
+# Per-dataset changes to the shared recipe. Fashion-MNIST needs more epochs: its cpu teacher
+# reached 89.5% test accuracy after 1000 steps (2.3 epochs; target 90%).
+_DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "fashion-mnist": {"cpu": {"train": {"steps": 2000, "warmup": 100}}},
+}
 
 
 class ImageTask(Task):
@@ -51,6 +56,8 @@ class ImageTask(Task):
     PRESETS = _PRESETS
 
     def __init__(self, name: str, preset: str = "cpu", root: Optional[str] = None) -> None:
+        changes = _DATASET_PRESETS.get(name, {})
+        self.PRESETS = {key: merged(recipe, changes.get(key, {})) for key, recipe in _PRESETS.items()}
         super().__init__(preset)
         from cdeq import data
 
