@@ -154,6 +154,18 @@ def test_deq_transformer_is_causal_and_contractive():
     assert _spectral_radius(model, x) < 1.0
 
 
+def test_truncated_solve_is_exactly_k_layer_calls():
+    model = _tiny_lm().eval()
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        u = model.inject(x)
+        expected = model.layer(model.layer(model.layer(model.init_state(u), u), u), u)
+        z, info = model.truncated_solve(x, 3, "fixed_point")
+    assert info.nfe == 3
+    assert torch.equal(z, expected)
+    assert info.rel_residual.shape == (2,)
+
+
 def test_explicit_transformer_is_causal():
     torch.manual_seed(0)
     model = models.get("transformer", vocab_size=50, d_model=16, n_heads=2, d_ff=32, max_len=12).eval()

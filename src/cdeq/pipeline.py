@@ -468,19 +468,12 @@ class Run:
         return row
 
     def teacher_rows(self, solver: str, budgets: list[int]) -> list[dict[str, Any]]:
-        from cdeq.solvers import solve
-
         teacher = self.teacher()
         options = {"m": self.s["anderson_m"]} if solver == "anderson" else {}
         name = "teacher-anderson" if solver == "anderson" else "teacher-fixed-point"
 
         def state_fn(k: int) -> Callable[[Any], Any]:
-            def fn(x: Any) -> Any:
-                u = teacher.inject(x)
-                z, _ = solve(lambda z: teacher.layer(z, u), teacher.init_state(u), solver=solver, max_iter=k,
-                             tol=0.0, check_residual=False, **options)
-                return z
-            return fn
+            return lambda x: teacher.truncated_solve(x, k, solver, check_residual=False, **options)[0]
         return [self.evaluate_method(name, k, state_fn(k), None, _params(teacher)) for k in budgets]
 
     def bare_layer_time_ms(self, budgets: list[int]) -> dict[str, float]:

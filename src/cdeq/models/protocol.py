@@ -62,6 +62,17 @@ class DEQModel(nn.Module):
         z, info = self.deq(lambda z: self.layer(z, u), z0, **deq_kwargs)
         return self.readout(z), info
 
+    def truncated_solve(self, x: Any, k: int, solver: str = "anderson", check_residual: bool = True,
+                        **options: Any):
+        """The solver's k-th iterate from ``init_state``: exactly k calls of the layer, no tolerance
+        (the "DEQ" rows of the C-DEQ paper's tables). Returns ``(z_k, info)``; ``options`` go to
+        :func:`cdeq.solve` (e.g. ``m`` for Anderson)."""
+        from cdeq.solvers import solve
+
+        u = self.inject(x)
+        return solve(lambda z: self.layer(z, u), self.init_state(u), solver=solver, max_iter=k, tol=0.0,
+                     check_residual=check_residual, **options)
+
 
 def zeros_like_state(z: State) -> State:
     """A zero state with the structure, shapes and dtype of ``z``."""

@@ -44,7 +44,6 @@ def teacher_report(task: Task, model: DEQModel, split: str = "test", budgets: Se
                    limit: Optional[int] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
     """Convergence and truncated-solve figures of ``model`` (a trained teacher) on ``split``."""
     from cdeq.norm import reset_norm
-    from cdeq.solvers import solve
 
     model.eval()
     reset_norm(model)
@@ -80,9 +79,7 @@ def teacher_report(task: Task, model: DEQModel, split: str = "test", budgets: Se
             residuals: list[float] = []
 
             def truncated(x: Any) -> torch.Tensor:
-                u = model.inject(x)
-                z, info = solve(lambda s: model.layer(s, u), model.init_state(u), solver=solver, max_iter=k,
-                                tol=0.0, **options)
+                z, info = model.truncated_solve(x, k, solver, **options)
                 residuals.extend(info.rel_residual.float().tolist())
                 return model.readout(z)
 
