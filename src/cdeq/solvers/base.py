@@ -208,7 +208,10 @@ class Monitor:
         self.requested = return_states
         self.states: dict[int, Tensor] = {}
         self.limit: Optional[Tensor] = None
-        self.needs_rel = trace or not self.stop_abs
+        # tol = 0 (a fixed budget): no sample can meet tol, so neither the relative residual (unless
+        # traced) nor the per-sample count of steps (steps = nfe) is needed; only divergence freezes.
+        self.fixed_budget = tol == 0
+        self.needs_rel = trace or not (self.stop_abs or self.fixed_budget)
         self.record(0, z0)
 
     def observe(self, k: int, abs_r: Tensor, fz_norm: Optional[Tensor]) -> Tensor:
@@ -217,15 +220,16 @@ class Monitor:
             rel = abs_r / fz_norm.clamp_min(torch.finfo(torch.float32).tiny)
             if self.trace is not None:
                 self.trace[k - 1] = rel
-        r = abs_r if self.stop_abs else rel
         if self.limit is None:  # residual above this (or NaN) = diverged; none if r0 = 0 or non-finite
             big = torch.finfo(abs_r.dtype).max
             self.limit = torch.where(abs_r > 0, DIVERGENCE_RATIO * abs_r, big).clamp(max=big)
-        self.count += self.active
         ok = abs_r <= self.limit
         self.healthy &= ok
+        if self.fixed_budget:  # active == healthy
+            return self.healthy.unsqueeze(1)
+        self.count += self.active
         self.active &= ok
-        self.active &= r > self.tol
+        self.active &= (abs_r if self.stop_abs else rel) > self.tol
         return self.active.unsqueeze(1)
 
     def record(self, k: int, z: Tensor) -> None:
@@ -239,6 +243,8 @@ class Monitor:
 
     def finish(self, z: Tensor, nfe: int) -> SolverInfo:
         """The solver's part of :class:`SolverInfo` (residual fields are filled by :func:`solve`)."""
+        if self.fixed_budget:
+            self.active = self.healthy
         met_tol = ~self.active & self.healthy
         steps = torch.where(met_tol, self.count, torch.full_like(self.count, nfe))
         if self.keep_all:
