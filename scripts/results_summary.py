@@ -31,8 +31,11 @@ def main() -> None:
         what = "of the converged teacher's accuracy" if acc else "x the converged teacher's perplexity"
         print("\nC-DEQ: " + ", ".join(f"NFE {k}: {r * 100:.1f}%" if acc else f"NFE {k}: {r:.3f}"
                                      for k, r in ratios.items()) + f" {what}.")
-        bare = t.get("bare_layer_time_ms")
-        if bare:
+        if t.get("latency"):
+            print("C-DEQ time / (injection + k bare layer calls + readout), timed alternately: "
+                  + ", ".join(f"NFE {k}: {v['ratio']:.2f}x" for k, v in t["latency"].items()) + ".")
+        elif t.get("bare_layer_time_ms"):
+            bare = t["bare_layer_time_ms"]
             times = {r["nfe"]: r["time_ms"] for r in t["rows"] if r["method"] == "cdeq"}
             print("C-DEQ time / (injection + k bare layer calls + readout): "
                   + ", ".join(f"NFE {k}: {times[k] / bare[str(k)]:.2f}x" for k in nfes if str(k) in bare) + ".")

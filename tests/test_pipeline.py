@@ -44,6 +44,11 @@ def test_tiny_pipeline_writes_the_binding_table(tiny_run):
             assert row["nfe"] is None and row["rel_residual"] is None
         else:
             assert row["nfe"] in (1, 2, 4) and row["rel_residual"] >= 0
+    # C-DEQ's latency is measured against k bare layer calls at every budget.
+    assert set(on_disk["latency"]) == {str(k) for k in config.settings["nfe"]}
+    for v in on_disk["latency"].values():
+        assert v["cdeq_ms"] > 0 and v["bare_ms"] > 0 and v["ratio"] == pytest.approx(v["cdeq_ms"] / v["bare_ms"])
+    assert "timed alternately" in (out / "table.md").read_text()
     # The teacher's Anderson rows reduce the residual as the budget grows.
     anderson = sorted((r["nfe"], r["rel_residual"]) for r in on_disk["rows"] if r["method"] == "teacher-anderson")
     assert anderson[-1][1] < anderson[0][1]

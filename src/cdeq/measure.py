@@ -35,6 +35,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, rep
     return statistics.median(times)
 
 
+def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+                        repeats: int = 15) -> dict[str, float]:
+    """Median wall time in ms of each of ``fns``, called in turn within every repeat, so that a
+    change of machine load (other processes on a shared CPU) hits all of them alike; for ratios."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                times[name].append(time_ms(fn, device, warmup=0, repeats=1))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak tensor memory allocated during ``fn()`` above what was live before, in MiB.
 

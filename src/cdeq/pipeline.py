@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
-from cdeq.measure import peak_memory_mb, time_ms
+from cdeq.measure import peak_memory_mb, time_interleaved_ms, time_ms
 from cdeq.state import batch_norm2, to_device
 from cdeq.training import BEST, CHECKPOINT, METRICS
 
@@ -476,20 +476,26 @@ class Run:
             return lambda x: teacher.truncated_solve(x, k, solver, check_residual=False, **options)[0]
         return [self.evaluate_method(name, k, state_fn(k), None, _params(teacher)) for k in budgets]
 
-    def bare_layer_time_ms(self, budgets: list[int]) -> dict[str, float]:
-        """The floor the issue measures C-DEQ's time against: the injection, k bare calls of the
-        teacher's layer and the readout, on the same first test batch, for each k in ``budgets``."""
+    def latency(self, student: ConsistencyDEQ, budgets: list[int]) -> dict[str, dict[str, float]]:
+        """C-DEQ's time at NFE=k against its floor, the injection, k bare calls of the teacher's
+        layer and the readout, on the same first test batch, timed alternately (median of
+        repeats) so the ratio is not skewed by load that changes between two measurements."""
         teacher = self.teacher()
         x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
         x0 = to_device(x0, self.device)
 
-        def call(k: int) -> Tensor:
+        def bare(k: int) -> Tensor:
             u = teacher.inject(x0)
             z = teacher.init_state(u)
             for _ in range(k):
                 z = teacher.layer(z, u)
             return teacher.readout(z)
-        return {str(k): time_ms(lambda k=k: call(k), self.device, repeats=self.s["time_repeats"]) for k in budgets}
+        out = {}
+        for k in budgets:
+            ms = time_interleaved_ms({"cdeq": lambda k=k: student.predict(x0, steps=k), "bare": lambda k=k: bare(k)},
+                                     self.device, repeats=3 * self.s["time_repeats"])
+            out[str(k)] = {"cdeq_ms": ms["cdeq"], "bare_ms": ms["bare"], "ratio": ms["cdeq"] / ms["bare"]}
+        return out
 
     def converged_teacher(self) -> dict[str, Any]:
         """The teacher at its working tolerance: its metric and mean NFE."""
@@ -538,7 +544,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
         "task": config.task, "command": config.command, "device": device_name(run.device), "commit": run.commit,
         "seed": config.seed, "preset": config.preset, "teacher_converged": run.converged_teacher(),
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-        "bare_layer_time_ms": run.bare_layer_time_ms(list(s["nfe"])),
+        "latency": run.latency(cdeq_student, list(s["nfe"])),
         "rows": rows,
     }
     write_report(run.run_dir, table, figures=figures)

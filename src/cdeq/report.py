@@ -65,10 +65,15 @@ def markdown_table(table: dict[str, Any]) -> str:
             f"| {row['method']} | {row['params'] / 1e3:.1f}K | {_fmt(row['nfe'], 'd')} | {value:.2f} | "
             f"{_fmt(row['rel_residual'], '.2e')} | {_fmt(row['time_ms'], '.2f')} | {_fmt(row.get('peak_mem_mb'), '.1f')} |"
         )
-    bare = table.get("bare_layer_time_ms")
-    if bare:
+    latency = table.get("latency")
+    if latency:
+        lines += ["", "C-DEQ at NFE=k against the injection, k bare teacher-layer calls and the readout (same "
+                  "batch, timed alternately): "
+                  + ", ".join(f"k={k}: {v['cdeq_ms']:.2f} / {v['bare_ms']:.2f} ms = {v['ratio']:.2f}x"
+                              for k, v in latency.items()) + "."]
+    elif table.get("bare_layer_time_ms"):  # tables written before the interleaved measurement
         lines += ["", "Time of the injection, k bare teacher-layer calls and the readout (same batch): "
-                  + ", ".join(f"k={k}: {v:.2f} ms" for k, v in bare.items()) + "."]
+                  + ", ".join(f"k={k}: {v:.2f} ms" for k, v in table["bare_layer_time_ms"].items()) + "."]
     lines += ["", f"Command: `{table['command']}`", ""]
     return "\n".join(lines)
 
