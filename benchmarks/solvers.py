@@ -26,6 +26,7 @@ from torch import Tensor, nn
 import cdeq
 from cdeq.io import atomic_write_json, atomic_write_text
 from cdeq.measure import peak_memory_mb
+from cdeq.runtime import tune_cpu_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 NFES = (1, 2, 4, 8, 16, 32)
@@ -122,6 +123,12 @@ def runner(lib: str, solver: str) -> Callable[[Callable, Tensor, int, float], Te
     return lambda f, z0, k, tol: fn(f, z0, max_iter=k, tol=tol, stop_mode="rel", **opts)[0]
 
 
+def bare_calls(f: Callable, z0: Tensor, n: int) -> None:
+    """n calls of f on z0, each output dropped at once (as a solver drops its old f(z))."""
+    for _ in range(n):
+        f(z0)
+
+
 def rel_residual(f: Callable, z: Tensor) -> float:
     """Mean over the batch of ||f(z) - z|| / ||f(z)||."""
     fz = f(z)
@@ -167,7 +174,7 @@ def solver_rows(name: str, f: Callable, z0: Tensor, device: torch.device, libs: 
     calls = {}
     with torch.no_grad():
         for rep in range(repeats + 2):
-            t = timed(lambda: [f(z0) for _ in range(32)], device) / 32
+            t = timed(lambda: bare_calls(f, z0, 32), device) / 32
             if rep >= 2:
                 times["f"].append(t)
             for key, run in runs.items():
@@ -239,7 +246,8 @@ def fmt(x: Optional[float], spec: str) -> str:
 def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> str:
     lines = [f"# Solver benchmark ({meta['preset']} preset, {meta['device']})", "",
              f"`{meta['command']}` — torch {meta['torch']}, torchdeq {meta['torchdeq']}, commit {meta['commit']}, "
-             f"seed {meta['seed']}, {meta['threads']} threads, bandwidth {meta['bandwidth_gbs']:.1f} GB/s", "",
+             f"seed {meta['seed']}, {meta['threads']} threads, bandwidth {meta['bandwidth_gbs']:.1f} GB/s, "
+             f"allocator thresholds: {meta.get('malloc', 'glibc default')}", "",
              "Residual = mean relative residual ||f(z)-z||/||f(z)|| of the returned z after k NFE. "
              "Per-step cost = (32-NFE solve time − its f calls × f time) / 32; cdeq's solve makes one extra "
              "check call of f (counted in the f calls, not in NFE).", "",
@@ -281,9 +289,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--cap", type=int, default=200, help="NFE budget when measuring the NFE to reach a tolerance")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="glibc allocator thresholds (cdeq.runtime.tune_cpu_allocator) for both libraries, or glibc's defaults")
     p.add_argument("--out", default=None, help="JSON path (default results/benchmarks/solvers-<preset>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    tuned = args.malloc == "tuned" and tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -297,7 +308,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     meta = {"command": " ".join(["python", "benchmarks/solvers.py", *(argv if argv is not None else sys.argv[1:])]),
             "preset": args.preset, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "torch": torch.__version__, "torchdeq": tdq_version, "commit": commit, "seed": 0,
-            "threads": torch.get_num_threads(), "bandwidth_gbs": bw / 1e9, "m": M}
+            "threads": torch.get_num_threads(), "bandwidth_gbs": bw / 1e9, "m": M,
+            "malloc": "tuned" if tuned else "glibc default"}
     rows, floors, brows = [], {}, []
     for name in args.problems:
         layer, u, z0 = build(name, PRESETS[args.preset][name], device)

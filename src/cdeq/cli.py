@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from cdeq.pipeline import PipelineConfig, run_ablation, run_pipeline
+    from cdeq.runtime import tune_cpu_allocator
 
+    tune_cpu_allocator()
     if args.threads is not None:
         import torch
 

@@ -157,7 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate on at most this many batches")
     args = parser.parse_args(argv)
     from cdeq import tasks
+    from cdeq.runtime import tune_cpu_allocator
 
+    tune_cpu_allocator()
     task = tasks.get(args.task)
     model = task.load_teacher(args.run_dir)
     train = json.loads((Path(args.run_dir) / METRICS).read_text())

@@ -28,7 +28,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     from cdeq import tasks
+    from cdeq.runtime import tune_cpu_allocator
 
+    tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {"explicit": args.explicit_model} if args.explicit_model else {}

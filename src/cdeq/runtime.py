@@ -1,0 +1,37 @@
+"""Process-wide set-up for long CPU runs: glibc's allocator thresholds.
+
+glibc returns freed memory above its trim threshold to the OS, and serves large blocks with fresh
+``mmap`` calls, so a loop that allocates and frees megabyte-sized tensors (a solver step, a DEQ
+layer, the C-DEQ student's Anderson step) pays page faults on every iteration. Raising both
+thresholds keeps that memory in the process. Measured on 2 CPU cores: the student's Anderson step
+on an MNIST batch (two 128 x 32 x 14 x 14 / 64 x 7 x 7 states) took 13-23 ms with glibc's defaults
+and 5.1-5.5 ms tuned. PyTorch's CPU performance guide makes the same point and suggests jemalloc or
+tcmalloc; this needs no extra library.
+
+The command-line entry points call :func:`tune_cpu_allocator`; set ``CDEQ_MALLOC_TUNING=0`` to
+keep glibc's defaults. Library code never calls it by itself.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1   # mallopt parameter numbers (glibc's malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 2**20   # glibc's largest allowed value on 64-bit systems
+TRIM_THRESHOLD = 2**30
+
+
+def tune_cpu_allocator() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process; True if they were set (False on
+    another C library or OS, or with ``CDEQ_MALLOC_TUNING=0``)."""
+    if os.environ.get("CDEQ_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
