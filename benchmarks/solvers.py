@@ -12,6 +12,7 @@ gradient error of each backward. Medians of repeats after warm-up, measured inte
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ from cdeq.runtime import tune_cpu_allocator
 ROOT = Path(__file__).resolve().parents[1]
 NFES = (1, 2, 4, 8, 16, 32)
 TOLS = (1e-3, 1e-5)
+SAME_TOL = 1e-6  # relative tolerance of the solve compared with the float64 fixed point
 SOLVERS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
 M = 5  # Anderson window for both libraries
 
@@ -155,8 +157,17 @@ def bandwidth(device: torch.device, n: int = 1 << 25) -> float:
     return 2 * n * 4 / statistics.median(timed(lambda: b.copy_(a), device) for _ in range(7))
 
 
-def solver_rows(name: str, f: Callable, z0: Tensor, device: torch.device, libs: list[str], repeats: int,
-                cap: int) -> list[dict]:
+def reference_fixed_point(layer: nn.Module, u: Tensor, z0: Tensor) -> Tensor:
+    """z* of the layer in float64 (Anderson to a relative residual of 1e-12), as float32."""
+    layer64, u64 = copy.deepcopy(layer).double(), u.double()
+    z, info = cdeq.solve(lambda z: layer64(z, u64), z0.double(), solver="anderson", m=M, max_iter=1000, tol=1e-12)
+    if not bool(info.converged.all()):
+        raise RuntimeError(f"reference fixed point not reached: rel. residual {info.rel_residual.max().item():.1e}")
+    return z.to(z0.dtype)
+
+
+def solver_rows(name: str, f: Callable, z0: Tensor, z_star: Tensor, device: torch.device, libs: list[str],
+                repeats: int, cap: int) -> list[dict]:
     rows = []
     runs = {(lib, s): runner(lib, s) for lib in libs for s in SOLVERS}
     for (lib, s), run in runs.items():
@@ -168,6 +179,8 @@ def solver_rows(name: str, f: Callable, z0: Tensor, device: torch.device, libs: 
                 z = run(cf, z0, cap, tol)
                 reached = rel_residual(f, z) <= 1.5 * tol and cf.calls - (lib == "cdeq") < cap
                 row[f"nfe_to_{tol:g}"] = cf.calls - (lib == "cdeq") if reached else None
+            # the fixed point it settles on: max |z - z*| after a solve to SAME_TOL (or the cap)
+            row["max_diff_to_ref"] = (run(f, z0, cap, SAME_TOL) - z_star).abs().max().item()
         rows.append(row)
     # Timing: bare f and every solver, interleaved repeat by repeat so load changes hit all alike.
     times: dict = {"f": []}
@@ -250,14 +263,16 @@ def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> s
              f"allocator thresholds: {meta.get('malloc', 'glibc default')}", "",
              "Residual = mean relative residual ||f(z)-z||/||f(z)|| of the returned z after k NFE. "
              "Per-step cost = (32-NFE solve time − its f calls × f time) / 32; cdeq's solve makes one extra "
-             "check call of f (counted in the f calls, not in NFE).", "",
+             "check call of f (counted in the f calls, not in NFE). max abs(z − z*): the largest entry of the "
+             f"difference between the state a solve to relative tolerance {SAME_TOL:g} returns (capped at `--cap` NFE) "
+             "and the layer's fixed point computed in float64.", "",
              "| problem | lib | solver | " + " | ".join(f"res@{k}" for k in NFES)
-             + " | NFE→1e-3 | NFE→1e-5 | f ms | solve32 ms | overhead | per-step ms | per-step ms (min) |",
-             "|" + "---|" * (3 + len(NFES) + 7)]
+             + " | NFE→1e-3 | NFE→1e-5 | max abs(z − z*) | f ms | solve32 ms | overhead | per-step ms | per-step ms (min) |",
+             "|" + "---|" * (3 + len(NFES) + 8)]
     for r in rows:
         lines.append(f"| {r['problem']} | {r['library']} | {r['solver']} | "
                      + " | ".join(f"{r['residual_after'][k]:.1e}" for k in NFES)
-                     + f" | {fmt(r['nfe_to_0.001'], 'd')} | {fmt(r['nfe_to_1e-05'], 'd')} | {r['f_ms']:.2f} | "
+                     + f" | {fmt(r['nfe_to_0.001'], 'd')} | {fmt(r['nfe_to_1e-05'], 'd')} | {r['max_diff_to_ref']:.1e} | {r['f_ms']:.2f} | "
                      f"{r['solve32_ms']:.1f} | {r['overhead']:.0%} | {r['per_step_ms']:.3f} | {r['per_step_ms_min']:.3f} |")
     lines += ["", "## Anderson per-step cost: cdeq vs TorchDEQ, and the memory-traffic floor", "",
               "| problem | cdeq ms | TorchDEQ ms | ratio | ratio (min-based) | floor ms ((2m+5)·N bytes / bandwidth) |",
@@ -314,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in args.problems:
         layer, u, z0 = build(name, PRESETS[args.preset][name], device)
         f = lambda z, layer=layer, u=u: layer(z, u)  # noqa: E731
-        rows += solver_rows(name, f, z0, device, libs, args.repeats, args.cap)
+        rows += solver_rows(name, f, z0, reference_fixed_point(layer, u, z0), device, libs, args.repeats, args.cap)
         floors[name] = anderson_floor(z0, bw)
         if not args.no_backward:
             brows += backward_rows(name, layer, u, z0, device, max(3, args.repeats // 2))
