@@ -45,8 +45,12 @@ class _Window:
         self.H.copy_(self.gram)
         self.H_diag.add_(self.gram_diag.mean(dim=1, keepdim=True), alpha=lam)
         beta = torch.linalg.solve_ex(self.H, self.ones)[0].squeeze(2)
-        alpha = beta / beta.sum(dim=1, keepdim=True)
-        ok = torch.linalg.vector_norm(alpha, float("inf"), dim=1, keepdim=True) <= ALPHA_LIMIT
+        total = beta.sum(dim=1, keepdim=True)
+        alpha = beta / total
+        if lam > 0:  # H is SPD, so 1^T H^-1 1 > 0 and ||alpha||^2 <= (m + lam) / lam: only a non-finite solve fails
+            ok = total.abs() < math.inf
+        else:
+            ok = torch.linalg.vector_norm(alpha, float("inf"), dim=1, keepdim=True) <= ALPHA_LIMIT
         return torch.where(ok & advance, alpha, self.fallback)
 
 
@@ -88,7 +92,8 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         advance = mon.observe(k, row[:, w.s].sqrt(), vector_norm(fz) if mon.needs_rel else None)
         # y = z + tau g, or exactly z for a frozen sample (a non-finite f(z) zeroed so 0 * it stays 0)
         torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0, out=w.y)
-        torch.lerp(z, w.y, advance.to(dtype) * tau, out=w.y)
+        weight = advance.to(dtype) if tau == 1 else advance.to(dtype).mul_(tau)
+        torch.lerp(z, w.y, weight, out=w.y)
         out = buffers[k % 2]
         if w.n == 1:
             out.copy_(w.y)
