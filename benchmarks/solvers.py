@@ -182,7 +182,33 @@ def solver_rows(name: str, f: Callable, z0: Tensor, z_star: Tensor, device: torc
             # the fixed point it settles on: max |z - z*| after a solve to SAME_TOL (or the cap)
             row["max_diff_to_ref"] = (run(f, z0, cap, SAME_TOL) - z_star).abs().max().item()
         rows.append(row)
-    # Timing: bare f and every solver, interleaved repeat by repeat so load changes hit all alike.
+    times, calls = solve_times(f, z0, runs, device, repeats)
+    t_f, t_f_min = statistics.median(times["f"]), min(times["f"])
+    for row in rows:
+        key = (row["library"], row["solver"])
+        t = statistics.median(times[key])
+        row["f_ms"] = 1e3 * t_f
+        row["solve32_ms"] = 1e3 * t
+        row["f_calls_in_solve32"] = calls[key]
+        row["overhead"] = 1 - calls[key] * t_f / t
+        row["per_step_ms"] = 1e3 * (t - calls[key] * t_f) / 32
+        # the same from the fastest repeats: far less sensitive to other processes' load
+        row["per_step_ms_min"] = 1e3 * (min(times[key]) - calls[key] * t_f_min) / 32
+    # Solver-only cost: f replaced by a cheap map of the same shape (z/2 + c, a few microseconds per
+    # call), free of the subtraction error of a millisecond-scale f whose time drifts between runs.
+    c = torch.randn_like(z0)
+    times, calls = solve_times(lambda z: torch.add(c, z, alpha=0.5), z0, runs, device, repeats)
+    t_f = statistics.median(times["f"])
+    for row in rows:
+        key = (row["library"], row["solver"])
+        row["solver_only_ms"] = 1e3 * (statistics.median(times[key]) - calls[key] * t_f) / 32
+    return rows
+
+
+def solve_times(f: Callable, z0: Tensor, runs: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
+    """Seconds of 32 bare calls of f (per call, key "f") and of each solver's 32-NFE solve, over
+    ``repeats`` rounds after two warm-up rounds, interleaved round by round so that load changes hit
+    all alike; and the calls of f each solve made."""
     times: dict = {"f": []}
     calls = {}
     with torch.no_grad():
@@ -196,45 +222,7 @@ def solver_rows(name: str, f: Callable, z0: Tensor, z_star: Tensor, device: torc
                 calls[key] = cf.calls
                 if rep >= 2:
                     times.setdefault(key, []).append(t)
-    t_f, t_f_min = statistics.median(times["f"]), min(times["f"])
-    for row in rows:
-        key = (row["library"], row["solver"])
-        t = statistics.median(times[key])
-        row["f_ms"] = 1e3 * t_f
-        row["solve32_ms"] = 1e3 * t
-        row["f_calls_in_solve32"] = calls[key]
-        row["overhead"] = 1 - calls[key] * t_f / t
-        row["per_step_ms"] = 1e3 * (t - calls[key] * t_f) / 32
-        # the same from the fastest repeats: far less sensitive to other processes' load
-        row["per_step_ms_min"] = 1e3 * (min(times[key]) - calls[key] * t_f_min) / 32
-    solver_only = solver_only_ms(z0, runs, device, repeats)
-    for row in rows:
-        row["solver_only_ms"] = solver_only[(row["library"], row["solver"])]
-    return rows
-
-
-def solver_only_ms(z0: Tensor, runs: dict, device: torch.device, repeats: int) -> dict:
-    """Each solver's own cost per step with f replaced by a cheap map of the same shape
-    (f(z) = z/2 + c, a contraction whose cost is a few microseconds): the solve time minus the
-    calls of that map, divided by 32. Free of the subtraction error the full problem's f time
-    brings (32 calls of a millisecond-scale f whose time drifts by a few percent between runs)."""
-    c = torch.randn_like(z0)
-    cheap = lambda z: torch.add(c, z, alpha=0.5)  # noqa: E731
-    times: dict = {"f": []}
-    calls = {}
-    with torch.no_grad():
-        for rep in range(repeats + 2):
-            t = timed(lambda: bare_calls(cheap, z0, 32), device) / 32
-            if rep >= 2:
-                times["f"].append(t)
-            for key, run in runs.items():
-                cf = Counted(cheap)
-                t = timed(lambda: run(cf, z0, 32, 0.0), device)
-                calls[key] = cf.calls
-                if rep >= 2:
-                    times.setdefault(key, []).append(t)
-    t_f = statistics.median(times["f"])
-    return {key: 1e3 * (statistics.median(times[key]) - calls[key] * t_f) / 32 for key in runs}
+    return times, calls
 
 
 def anderson_floor(z0: Tensor, bw: float) -> dict:
