@@ -3,7 +3,8 @@
 z_{k+1} = sum_i alpha_i (z_i + tau g_i), g_i = f(z_i) - z_i, over the last m iterates, where alpha
 minimises ||G alpha||^2 + lam * s * ||alpha||^2 subject to 1^T alpha = 1 (s = mean of diag(G G^T)).
 That makes alpha proportional to H^{-1} 1 with H = G G^T + lam * s * I, and bounds
-||alpha||^2 <= m / lam, so the regulariser is scale-free. Ring buffers hold g_i and y_i = z_i + tau g_i;
+||alpha||^2 <= (m + lam) / lam (compare the objective at alpha = e_newest), so the regulariser is
+scale-free. Ring buffers hold g_i and y_i = z_i + tau g_i;
 each step writes one slot of each, adds one row/column to the Gram matrix with one bmm, solves the
 small system batched (float32, float64 for float64 states) and mixes with one more bmm. A frozen
 sample (met tol, or diverged) gets y = z (damping weight 0, f(z) with non-finite entries zeroed)
@@ -21,7 +22,8 @@ from cdeq.solvers.base import FlatFn, Monitor, ReturnStates, SolverInfo, vector_
 from cdeq.solvers.fixed_point import check_tau
 
 
-# |alpha| above this means a (near-)singular or non-finite solve; with lam > 0, |alpha| <= sqrt(m / lam).
+# |alpha| above this means a (near-)singular or non-finite solve (checked when lam = 0; with lam > 0,
+# ||alpha||^2 <= (m + lam) / lam).
 ALPHA_LIMIT = 1e6
 
 
