@@ -262,6 +262,14 @@ def test_anderson_singular_system_falls_back_to_damped_step():
     assert not info.diverged.any()
 
 
+def test_anderson_zero_residual_with_ridge_stays_put():
+    """With lam > 0 a sample whose residuals are all zero has H = 0; it must keep its state, not NaN."""
+    d = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    z, info = cdeq.solve(lambda z: z + d, torch.zeros(2, 2), solver="anderson", lam=1e-4, max_iter=6, tol=0)
+    assert torch.isfinite(z).all() and torch.equal(z[1], torch.zeros(2))
+    assert not info.diverged.any()
+
+
 def test_register_solver():
     def one_step(f, z0, *, max_iter, tol, stop_mode, return_states, trace, gain=1.0):
         return z0 + gain * (f(z0) - z0), cdeq.SolverInfo(nfe=1)
