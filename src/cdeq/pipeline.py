@@ -62,22 +62,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"teacher_preset": "gpu", "distill_steps": 6000, "hyper_steps": 3000, "direct_steps": 3000},
 }
 
+# MDEQ and the DEQ transformer cost far more per call than IGNN: on 2 CPU cores the trajectory
+# set, the training lengths and the evaluated test batches are cut so a run fits in an hour.
+_MDEQ_SETTINGS: dict[str, dict[str, Any]] = {
+    "*": {"traj_batches": 16, "distill_batch_size": 32},
+    "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 20, "explicit_steps": 300},
+    "gpu": {"traj_batches": 200, "distill_batch_size": 128},
+}
+
 # Per task: what differs from DEQ to DEQ (one graph is one sample; images and text have many).
 TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "cora": {"*": {"distill_batch_size": 1, "traj_steps": 30},
              "cpu": {"distill_steps": 800, "hyper_steps": 400, "direct_steps": 400}},
     "citeseer": {"*": {"distill_batch_size": 1, "traj_steps": 30},
                  "cpu": {"distill_steps": 800, "hyper_steps": 400, "direct_steps": 400}},
-    # MDEQ and the DEQ transformer cost far more per call than IGNN: on 2 CPU cores the trajectory
-    # set, the training lengths and the evaluated test batches are cut so a run fits in an hour.
-    "fashion-mnist": {"*": {"traj_batches": 16, "distill_batch_size": 32},
-                      "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 20,
-                              "explicit_steps": 300},
-                      "gpu": {"traj_batches": 200, "distill_batch_size": 128}},
-    "mnist": {"*": {"traj_batches": 16, "distill_batch_size": 32},
-              "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 20,
-                              "explicit_steps": 300},
-              "gpu": {"traj_batches": 200, "distill_batch_size": 128}},
+    "fashion-mnist": _MDEQ_SETTINGS,
+    "mnist": _MDEQ_SETTINGS,
     "gutenberg": {"*": {"traj_batches": 64, "distill_batch_size": 16},
                   "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 40},
                   "gpu": {"traj_batches": 400, "distill_batch_size": 64}},

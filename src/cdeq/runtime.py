@@ -3,9 +3,9 @@
 glibc returns freed memory above its trim threshold to the OS, and serves large blocks with fresh
 ``mmap`` calls, so a loop that allocates and frees megabyte-sized tensors (a solver step, a DEQ
 layer, the C-DEQ student's Anderson step) pays page faults on every iteration. Raising both
-thresholds keeps that memory in the process. Measured on 2 CPU cores: the student's Anderson step
-on an MNIST batch (two 128 x 32 x 14 x 14 / 64 x 7 x 7 states) took 13-23 ms with glibc's defaults
-and 5.1-5.5 ms tuned. PyTorch's CPU performance guide makes the same point and suggests jemalloc or
+thresholds keeps that memory in the process. In an ad hoc timing on 2 CPU cores (not a committed
+benchmark) the student's Anderson step on an MNIST batch took 13-23 ms with glibc's defaults and
+about 5 ms tuned. PyTorch's CPU performance guide makes the same point and suggests jemalloc or
 tcmalloc; this needs no extra library.
 
 The command-line entry points call :func:`tune_cpu_allocator`; set ``CDEQ_MALLOC_TUNING=0`` to

@@ -18,7 +18,7 @@ from cdeq.tasks.base import Batch, Task
 
 _DEQ = {"f_solver": "anderson", "f_max_iter": 30, "f_tol": 1e-3, "eval_max_iter": 30,
         "backward": "phantom", "phantom_steps": 3, "tau": 0.8}
-# Recipe choices measured on the cpu preset (training loss at step 400, same seed and batches; the
+# Recipe choices from an ad hoc screen on the cpu preset (training loss at step 400, same seed and batches; the
 # explicit transformer 4.754): weight norm + Jacobian weight 0.5 4.816, no weight norm 4.796, no
 # weight norm and no Jacobian penalty 4.782 but NFE rising from 8 to 15; the recipe takes no
 # weight norm and a lighter penalty (0.2).
