@@ -191,18 +191,23 @@ def solver_rows(name: str, f: Callable, z0: Tensor, z_star: Tensor, device: torc
         row["solve32_ms"] = 1e3 * t
         row["f_calls_in_solve32"] = calls[key]
         row["overhead"] = 1 - calls[key] * t_f / t
-        row["per_step_ms"] = 1e3 * (t - calls[key] * t_f) / 32
+        row["per_step_ms"] = per_step_ms(times, key, calls[key])
         # the same from the fastest repeats: far less sensitive to other processes' load
         row["per_step_ms_min"] = 1e3 * (min(times[key]) - calls[key] * t_f_min) / 32
     # Solver-only cost: f replaced by a cheap map of the same shape (z/2 + c, a few microseconds per
     # call), free of the subtraction error of a millisecond-scale f whose time drifts between runs.
     c = torch.randn_like(z0)
     times, calls = solve_times(lambda z: torch.add(c, z, alpha=0.5), z0, runs, device, repeats)
-    t_f = statistics.median(times["f"])
     for row in rows:
         key = (row["library"], row["solver"])
-        row["solver_only_ms"] = 1e3 * (statistics.median(times[key]) - calls[key] * t_f) / 32
+        row["solver_only_ms"] = per_step_ms(times, key, calls[key])
     return rows
+
+
+def per_step_ms(times: dict, key: tuple, f_calls: int) -> float:
+    """(32-NFE solve time - f_calls bare f calls) / 32 in ms, median over rounds of the difference
+    within a round: the solve and the bare calls ran back to back, so load changes between rounds cancel."""
+    return 1e3 * statistics.median((ts - f_calls * tf) / 32 for ts, tf in zip(times[key], times["f"]))
 
 
 def solve_times(f: Callable, z0: Tensor, runs: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
@@ -277,7 +282,8 @@ def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> s
              f"seed {meta['seed']}, {meta['threads']} threads, bandwidth {meta['bandwidth_gbs']:.1f} GB/s, "
              f"allocator thresholds: {meta.get('malloc', 'glibc default')}", "",
              "Residual = mean relative residual ||f(z)-z||/||f(z)|| of the returned z after k NFE. "
-             "Per-step cost = (32-NFE solve time − its f calls × f time) / 32; cdeq's solve makes one extra "
+             "Per-step cost = (32-NFE solve time − its f calls × f time) / 32, median over rounds of the "
+             "difference within a round; cdeq's solve makes one extra "
              "check call of f (counted in the f calls, not in NFE). max abs(z − z*): the largest entry of the "
              f"difference between the state a solve to relative tolerance {SAME_TOL:g} returns (capped at `--cap` NFE) "
              "and the layer's fixed point computed in float64.", "",

@@ -30,27 +30,25 @@ ALPHA_LIMIT = 1e6
 class _Window:
     """Views of the history for one (slot s, window n) pair, made once so a step issues few ops."""
 
-    def __init__(self, G: Tensor, Y: Tensor, gram: Tensor, H: Tensor, ones: Tensor, eye: Tensor, s: int, n: int):
+    def __init__(self, G: Tensor, Y: Tensor, gram: Tensor, ones: Tensor, eye: Tensor, s: int, n: int):
         self.s, self.n = s, n
         self.g, self.y = G[:, s], Y[:, s]
         self.g_row = self.g.unsqueeze(1)
         self.GT, self.Y = G[:, :n].transpose(1, 2), Y[:, :n]
         self.gram_row, self.gram_col = gram[:, s, :n], gram[:, :n, s]
         self.gram, self.gram_diag = gram[:, :n, :n], gram[:, :n, :n].diagonal(dim1=1, dim2=2)
-        self.H, self.H_diag = H[:, :n, :n], H[:, :n, :n].diagonal(dim1=1, dim2=2)
-        self.ones, self.fallback = ones[:, :n], eye[s, :n]
+        self.ones, self.eye, self.fallback = ones[:, :n], eye[:n, :n], eye[s, :n]
 
     def weights(self, lam: float, advance: Tensor) -> Tensor:
         """alpha = H^{-1} 1 / (1^T H^{-1} 1), H = G G^T + lam * mean(diag) * I (Eq. 9); a sample whose
         alpha is non-finite or huge (singular H) takes e_s, a damped fixed-point step, and so does a
         frozen one (``advance`` False; its y_s is its old iterate). No host sync."""
-        self.H.copy_(self.gram)
-        self.H_diag.add_(self.gram_diag.mean(dim=1, keepdim=True), alpha=lam)
-        beta = torch.linalg.solve_ex(self.H, self.ones)[0].squeeze(2)
+        H = torch.addcmul(self.gram, self.gram_diag.mean(dim=1, keepdim=True).unsqueeze(2), self.eye, value=lam)
+        beta = torch.linalg.solve_ex(H, self.ones)[0].squeeze(2)
         total = beta.sum(dim=1, keepdim=True)
         alpha = beta / total
         if lam > 0:  # H is SPD, so 1^T H^-1 1 > 0 and ||alpha||^2 <= (m + lam) / lam: only a non-finite solve fails
-            ok = total.abs() < math.inf
+            ok = total.abs() < math.inf  # (isfinite is four ops)
         else:
             ok = torch.linalg.vector_norm(alpha, float("inf"), dim=1, keepdim=True) <= ALPHA_LIMIT
         return torch.where(ok & advance, alpha, self.fallback)
@@ -72,12 +70,11 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     G = z0.new_empty(B, m, N)  # ring buffer of g_i
     Y = z0.new_empty(B, m, N)  # ring buffer of y_i = z_i + tau g_i
     gram = torch.zeros(B, m, m, dtype=work, device=z0.device)
-    H = torch.empty_like(gram)
     ones = torch.ones(B, m, 1, dtype=work, device=z0.device)
     eye = torch.eye(m, dtype=work, device=z0.device)
     # step k uses slot (k-1) % m and window min(k, m): m warm-up windows, then m full ones
-    windows = [_Window(G, Y, gram, H, ones, eye, s, s + 1) for s in range(m)]
-    windows += [_Window(G, Y, gram, H, ones, eye, s, m) for s in range(m)]
+    windows = [_Window(G, Y, gram, ones, eye, s, s + 1) for s in range(m)]
+    windows += [_Window(G, Y, gram, ones, eye, s, m) for s in range(m)]
     buffers = (z0.new_empty(B, N), z0.new_empty(B, N))
     outs = (buffers[0].unsqueeze(1), buffers[1].unsqueeze(1))
     z, k = z0, 0
@@ -96,6 +93,7 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0, out=w.y)
         weight = advance.to(dtype) if tau == 1 else advance.to(dtype).mul_(tau)
         torch.lerp(z, w.y, weight, out=w.y)
+        del fz  # free f's output before the next call, so the allocator hands its block back to f
         out = buffers[k % 2]
         if w.n == 1:
             out.copy_(w.y)

@@ -39,6 +39,7 @@ def broyden(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str,
         k += 1
         g = fz - z
         advance = mon.observe(k, vector_norm(g), vector_norm(fz) if mon.needs_rel else None)
+        del fz  # free f's output before the next call, so the allocator hands its block back to f
         if g_prev is not None:
             if j == m:
                 j = 0
