@@ -94,6 +94,11 @@ def test_unknown_setting_is_named():
         pipeline.PipelineConfig(task="cora", settings={"distil_steps": 3})
 
 
+def test_unknown_student_init_is_named():
+    with pytest.raises(ValueError, match=r"student_init: expected one of \('zeros', 'linear', 'mlp'\), got 'learned'"):
+        pipeline.PipelineConfig(task="mnist", settings={"student_init": "learned"})
+
+
 def test_set_values_are_parsed_by_type():
     from cdeq.cli import main
 

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "p_aug": 0.0,                  # Eq. 13 augmentation probability
     "anderson_m": 5,               # the teacher's Anderson window (trajectories and teacher rows)
     "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
+    "student_init": "zeros",       # where the students start: the teacher's z_0, or a learned "linear" / "mlp" z_0(u)
     "distill_steps": 2000, "distill_batch_size": 64, "distill_lr": 1e-3,
     "lambda_global": 0.8, "lambda_task": 0.05, "ema": 0.999, "distance": "mse",
     "rollout_steps": None,         # self-rollout steps in distillation (None: the largest NFE evaluated,
@@ -135,6 +136,10 @@ class PipelineConfig:
             resolved.update({k: v for k, v in PRESETS["tiny"].items() if k not in self.settings})
             resolved.update({k: v for k, v in task_adjust.get("*", {}).items() if k.endswith("batch_size")})
         self.settings = resolved
+        from cdeq.consistency.student import INITS
+
+        if resolved["student_init"] not in INITS:
+            raise ValueError(f"student_init: expected one of {INITS}, got {resolved['student_init']!r}")
         if self.out is None:
             self.out = f"runs/{self.task}-{self.preset}-seed{self.seed}"
 
@@ -322,6 +327,12 @@ class Run:
     def timemap(self) -> dict[str, Any]:
         return {k: self.s[k] for k in ("gamma", "eps", "T", "rho", "beta")}
 
+    def student_options(self) -> dict[str, Any]:
+        """ConsistencyDEQ options of the students and the direct baseline (also their stage keys;
+        ``init`` only when not the paper's zeros, so that earlier runs' stages stay valid)."""
+        init = self.s["student_init"]
+        return {**self.timemap(), **({"init": init} if init != "zeros" else {})}
+
     # -- stages ---------------------------------------------------------------------------------------
     def train_teacher(self) -> dict[str, Any]:
         def fn(d: Path) -> dict[str, Any]:
@@ -363,10 +374,6 @@ class Run:
             return {"items": len(traj), "K": traj.steps, "final_rel_residual": final}
         return self.traj_stage.run(fn)
 
-    def _student_stage(self, name: str, structure: str, extra: dict[str, Any]) -> Stage:
-        return Stage(self.run_dir, name, {"trajectories": self.traj_stage.key, "structure": structure,
-                                          "seed": self.config.seed, **self.timemap(), **extra})
-
     def distill_settings(self) -> dict[str, Any]:
         return {"steps": self.s["distill_steps"], "lr": self.s["distill_lr"], "batch_size": self.s["distill_batch_size"],
                 "lambda_global": self.s["lambda_global"], "lambda_task": self.s["lambda_task"], "ema": self.s["ema"],
@@ -378,7 +385,7 @@ class Run:
         from cdeq.consistency import ConsistencyDEQ, distill
 
         settings = {**self.distill_settings(), **{k: v for k, v in changes.items() if k in self.distill_settings()}}
-        timemap = {**self.timemap(), **{k: v for k, v in changes.items() if k in self.timemap()}}
+        timemap = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
         stage = Stage(self.run_dir, name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
                       {"trajectories": self.traj_stage.key, "structure": structure, "seed": self.config.seed,
                        **timemap, **settings})
@@ -417,8 +424,8 @@ class Run:
 
         stage = Stage(self.run_dir, f"direct-J{nfe}", {"trajectories": self.traj_stage.key, "seed": self.config.seed,
                                                        "steps": self.s["direct_steps"], "lr": self.s["distill_lr"],
-                                                       "batch_size": self.s["distill_batch_size"], **self.timemap()})
-        model = ConsistencyDEQ(self.teacher(), structure="anderson", **self.timemap()).to(self.device)
+                                                       "batch_size": self.s["distill_batch_size"], **self.student_options()})
+        model = ConsistencyDEQ(self.teacher(), structure="anderson", **self.student_options()).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
             history = train_direct(model, self.trajectories(), nfe=nfe, steps=self.s["direct_steps"], lr=self.s["distill_lr"],

@@ -63,6 +63,7 @@ def train_direct(
         return loss, {}
 
     config = {"kind": "direct", "teacher_hash": trajectories.meta["teacher_hash"], "structure": student.structure,
+              **({"init": student.init} if student.init != "zeros" else {}),
               "schedule": vars(student.schedule), "nfe": nfe, "steps": steps, "lr": lr, "batch_size": batch_size,
               "seed": seed}
     cfg = optim_config(lr, checkpoint_dir, resume, seed, optim)

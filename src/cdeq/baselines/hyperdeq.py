@@ -21,30 +21,14 @@ import copy
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdeq.consistency.distill import prepare
-from cdeq.state import to_device
+from cdeq.consistency.initialiser import StateInitialiser
 from cdeq.consistency.losses import mean_square, state_distance
 from cdeq.consistency.loop import check_int, optim_config, run
 from cdeq.consistency.trajectories import Trajectories
-from cdeq.state import State, StateLayout, as_tuple
-
-
-class _PointwiseMLP(nn.Module):
-    """A two-layer MLP applied at every position along ``dim`` (a 1x1 network)."""
-
-    def __init__(self, c_in: int, hidden: int, c_out: int, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.inp = nn.Linear(c_in, hidden)
-        self.out = nn.Linear(hidden, c_out)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(F.gelu(self.inp(x.movedim(self.dim, -1)))).movedim(-1, self.dim)
+from cdeq.state import State, StateLayout, to_device
 
 
 class HyperDEQ(nn.Module):
@@ -75,7 +59,7 @@ class HyperDEQ(nn.Module):
         self.mixer = nn.Sequential(nn.Linear(m * m + m, hidden), nn.GELU(), nn.Linear(hidden, m + 1))
         nn.init.zeros_(self.mixer[2].weight)
         nn.init.zeros_(self.mixer[2].bias)
-        self.init_nets = nn.ModuleList()
+        self.init_nets = StateInitialiser(self.feature_dim, init_hidden)
         self.nfe = 0
         if example is not None:
             self.build(example)
@@ -86,57 +70,24 @@ class HyperDEQ(nn.Module):
         return self
 
     # -- initialiser -------------------------------------------------------------------------------
-    def _sources(self, u: Any, z: State) -> list[Tensor]:
-        """The injection tensor that feeds each state part (part i <- u part i, or u's only part)."""
-        u_parts = as_tuple(u)
-        if not all(isinstance(p, Tensor) for p in u_parts):
-            raise TypeError("teacher.inject(x): HyperDEQ's initialiser needs a tensor or tuple of tensors")
-        z_parts = as_tuple(z)
-        if len(u_parts) not in (1, len(z_parts)):
-            raise ValueError(f"teacher.inject(x) gives {len(u_parts)} tensors for a state of {len(z_parts)} parts; "
-                             "the initialiser needs one, or one per state part")
-        return [u_parts[i] if len(u_parts) > 1 else u_parts[0] for i in range(len(z_parts))]
-
-    def _align(self, src: Tensor, like: Tensor) -> Tensor:
-        """``src`` at the positions of ``like`` (4-D maps are average-pooled to like's size)."""
-        fd = self.feature_dim % like.dim()
-        pos = [d for d in range(1, like.dim()) if d != fd]
-        if src.dim() == like.dim() and all(src.shape[d] == like.shape[d] for d in pos):
-            return src
-        if src.dim() == like.dim() == 4 and fd == 1:
-            return F.adaptive_avg_pool2d(src, like.shape[2:])
-        raise ValueError(f"teacher.inject(x) part of shape {tuple(src.shape)} cannot be aligned with a state part "
-                         f"of shape {tuple(like.shape)} (feature_dim={self.feature_dim})")
-
     def build(self, x: Any) -> None:
         """Create the initialiser from the shapes of the injection and the state for input ``x``."""
-        if len(self.init_nets):
+        if self.init_nets.built:
             return
         with torch.no_grad():
             u = self.teacher.inject(x)
             z = self.teacher.init_state(u)
         StateLayout(z, "teacher.init_state(inject(x))")
-        for src, part in zip(self._sources(u, z), as_tuple(z)):
-            src = self._align(src, part)
-            net = _PointwiseMLP(src.shape[self.feature_dim], self.init_hidden, part.shape[self.feature_dim],
-                                self.feature_dim)
-            self.init_nets.append(net.to(device=part.device, dtype=part.dtype))
+        self.init_nets.build(u, z)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """As ``nn.Module.load_state_dict``; builds the initialiser from the saved shapes if needed."""
-        if not len(self.init_nets):
-            n = sum(1 for k in state_dict if k.startswith("init_nets.") and k.endswith(".inp.weight"))
-            for i in range(n):
-                w_in, w_out = state_dict[f"init_nets.{i}.inp.weight"], state_dict[f"init_nets.{i}.out.weight"]
-                self.init_nets.append(_PointwiseMLP(w_in.shape[1], w_in.shape[0], w_out.shape[0], self.feature_dim))
+        self.init_nets.build_from_state_dict(state_dict, "init_nets.")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def initial_state(self, u: Any) -> State:
         """z_0 = init_state(u) + initialiser(u) (zero NFE)."""
-        z = self.teacher.init_state(u)
-        parts = [p + net(self._align(src, p))
-                 for p, net, src in zip(as_tuple(z), self.init_nets, self._sources(u, z))]
-        return tuple(parts) if isinstance(z, (tuple, list)) else parts[0]
+        return self.init_nets(u, self.teacher.init_state(u))
 
     # -- learned Anderson --------------------------------------------------------------------------
     def _mix(self, R: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,9 @@ which k ~ U{1, K} never trains), and *self-rollout*: the student is also rolled 
 and task losses are applied to each step's output, so that it learns to refine its own earlier
 estimates and not only the teacher's states (set ``rollout_steps=0`` for Algorithm 2 alone).
 With ``rollout_weight`` w, L_global = (L_global on teacher states + w * mean over rollout steps) / (1 + w).
+A student with a learned initial state (``ConsistencyDEQ(init=...)``) has its own z_0 stand in for
+the cached z_0 wherever that is read (the state at k = 0, the previous states at k = 1, 2), so the
+initialiser learns through the global, local and task losses at t_0 and through the rollout.
 """
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ from cdeq.state import State, StateLayout, map_state, to_device
 def select_rows(z: State, mask: Tensor) -> State:
     """The rows of a batched state where ``mask`` (B,) is True."""
     return map_state(lambda p: p[mask], z)
+
+
+def replace_rows(z: State, mask: Tensor, new: State) -> State:
+    """``z`` with the rows where ``mask`` (B,) is True taken from ``new`` (same structure)."""
+    return map_state(lambda a, b: torch.where(mask.reshape(-1, *([1] * (a.dim() - 1))), b.to(a.dtype), a), z, new)
 
 
 def select_labels(y: Tensor, mask: Tensor) -> Optional[Tensor]:
@@ -191,6 +199,10 @@ def distill(
         ks_d = ks.to(dev)
         t_k, t_km1, t_km2 = (sched.train_time(k).to(dev) for k in (ks, km1, km2))
         u = student.inject(x)
+        z_km1_target, z_km2_target = z_km1, (read(km2) if lambda_global < 1.0 else None)
+        if student.initialiser is not None:  # the student's own z_0 stands in for the cached one
+            z_init = student.initial_state(u)
+            z_k, z_km1 = replace_rows(z_k, ks_d == 0, z_init), replace_rows(z_km1, ks_d <= 1, z_init)
         out = student.consistency(u, z_k, t_k, z_km1, t_km1, first=ks_d == 0)
         logs: dict[str, float] = {}
         l_global = dist(out, z_star)
@@ -199,7 +211,12 @@ def distill(
         l_local = torch.zeros((), device=dev)
         if lambda_global < 1.0 and bool(has_prev.any()):
             with torch.no_grad():
-                tgt = target.consistency(target.inject(x), z_km1, t_km1, read(km2), t_km2, first=ks_d <= 1)
+                u_target = target.inject(x)
+                if target.initialiser is not None:
+                    z_init = target.initial_state(u_target)
+                    z_km1_target = replace_rows(z_km1_target, ks_d <= 1, z_init)
+                    z_km2_target = replace_rows(z_km2_target, ks_d <= 2, z_init)
+                tgt = target.consistency(u_target, z_km1_target, t_km1, z_km2_target, t_km2, first=ks_d <= 1)
             l_local = dist(select_rows(out, has_prev), select_rows(tgt, has_prev))
             logs["local"] = float(l_local.detach())
         task_terms: list[Tensor] = []
@@ -222,6 +239,7 @@ def distill(
         return loss, logs
 
     config = {"kind": "distill", "teacher_hash": trajectories.meta["teacher_hash"], "structure": student.structure,
+              **({"init": student.init} if student.init != "zeros" else {}),
               "schedule": vars(sched), "steps": steps, "lr": lr, "batch_size": batch_size,
               "lambda_global": lambda_global, "lambda_task": lambda_task, "ema": ema, "distance": distance,
               "huber_delta": huber_delta, "normalize": normalize, "include_k0": include_k0, "rollout_steps": rollout_steps,

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdeq.consistency.initialiser import StateInitialiser
 from cdeq.consistency.schedule import TimeLike, TimeSchedule
 from cdeq.state import State, StateLayout, as_tuple, map_state
 
 STRUCTURES = ("anderson", "plain")
+INITS = ("zeros", "linear", "mlp")
 
 
 def batch_dot(a: State, b: State) -> Tensor:
@@ -91,13 +93,17 @@ class ConsistencyDEQ(nn.Module):
             ``beta=None`` aligns inference with training times (beta = e^{-rho}).
         beta_aa: the damping of the Anderson step (beta of Eq. 4), in (0, 1].
         aa_lam: the ridge of the two-term least squares (relative to the residuals' norms).
+        init: where inference starts: ``"zeros"`` the teacher's z_0 (the paper), or a learned
+            z_0 = z_0 + net(u) of the injection (:mod:`cdeq.consistency.initialiser`), ``"linear"``
+            (a 1x1 map) or ``"mlp"`` (``init_hidden`` wide); it starts at the teacher's z_0 and
+            costs no network evaluation. Distillation then puts it in place of the cached z_0.
         example: an input x; builds W now. Without it W is built on the first call (``distill``
             and ``train_direct`` do so before making their optimiser) or by ``load_state_dict``.
     """
 
     def __init__(self, teacher: nn.Module, *, structure: str = "anderson", gamma: float = 1.0, eps: float = 0.01,
                  T: float = 1.0, rho: float = 0.25, beta: Optional[float] = None, beta_aa: float = 1.0,
-                 aa_lam: float = 1e-4, example: Any = None) -> None:
+                 aa_lam: float = 1e-4, init: str = "zeros", init_hidden: int = 64, example: Any = None) -> None:
         super().__init__()
         from cdeq.norm import remove_norm, reset_norm
 
@@ -107,6 +113,8 @@ class ConsistencyDEQ(nn.Module):
             raise ValueError(f"beta_aa: expected a damping in (0, 1], got {beta_aa}")
         if not aa_lam >= 0:
             raise ValueError(f"aa_lam: expected a ridge >= 0, got {aa_lam}")
+        if init not in INITS:
+            raise ValueError(f"init: expected one of {INITS}, got {init!r}")
         for name in ("inject", "layer", "readout", "init_state"):
             if not callable(getattr(teacher, name, None)):
                 raise TypeError(f"teacher: expected a DEQModel with inject/layer/readout/init_state, missing {name}")
@@ -117,6 +125,9 @@ class ConsistencyDEQ(nn.Module):
         reset_norm(self.teacher)
         self.backbone = remove_norm(copy.deepcopy(teacher)).requires_grad_(True)
         self.proj = nn.ModuleList()
+        self.init = init
+        self.initialiser = (StateInitialiser(self.feature_dim, 0 if init == "linear" else init_hidden)
+                            if init != "zeros" else None)
         self.nfe = 0  # network evaluations of the last infer/predict/rollout
         self._calls = 0
         if example is not None:
@@ -157,9 +168,12 @@ class ConsistencyDEQ(nn.Module):
         if self.built:
             return
         with torch.no_grad():
-            z0 = self.teacher.init_state(self.teacher.inject(x))
+            u = self.teacher.inject(x)
+            z0 = self.teacher.init_state(u)
         StateLayout(z0, "teacher.init_state(inject(x))")
         self._build_channels(self._channels(z0), as_tuple(z0)[0])
+        if self.initialiser is not None:
+            self.initialiser.build(u, z0)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """As ``nn.Module.load_state_dict``; builds W from the saved shapes if not built yet."""
@@ -167,6 +181,9 @@ class ConsistencyDEQ(nn.Module):
             n = sum(1 for k in state_dict if k.startswith("proj.") and k.endswith(".weight"))
             like = next(self.backbone.parameters(), torch.zeros(()))
             self._build_channels([state_dict[f"proj.{i}.weight"].shape[0] for i in range(n)], like)
+            if self.initialiser is not None:
+                self.initialiser.build_from_state_dict(state_dict, "initialiser.")
+                self.initialiser.to(device=like.device, dtype=like.dtype)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- Eq. 5, 7, 8 -------------------------------------------------------------------------------
@@ -174,6 +191,11 @@ class ConsistencyDEQ(nn.Module):
         """The student's own injection (a trained copy of the teacher's), computed once per input."""
         self.build(x)
         return self.backbone.inject(x)
+
+    def initial_state(self, u: Any) -> State:
+        """z_{t_0}: the teacher's z_0 for the injection ``u``, plus the learned net(u) unless ``init="zeros"``."""
+        z0 = self.backbone.init_state(u)
+        return z0 if self.initialiser is None else self.initialiser(u, z0)
 
     def h(self, z: State, t: TimeLike, u: Any) -> State:
         """h(z_t, t, x) = W [f'(z_t, x) || t] (Eq. 8); one network evaluation."""
@@ -238,12 +260,12 @@ class ConsistencyDEQ(nn.Module):
 
         Step j evaluates h once, at (z_{t_j}, t_j); the AA step reuses h at the previous state.
         ``detach`` cuts the graph between steps (each step then learns from its own earlier
-        estimates as fixed inputs). ``z0`` defaults to the teacher's ``init_state`` (zeros); ``u``,
+        estimates as fixed inputs). ``z0`` defaults to :meth:`initial_state`; ``u``,
         the injection ``self.inject(x)``, may be passed when the caller has it already.
         """
         times = self.schedule.inference_times(steps, schedule)
         u = self.inject(x) if u is None else u
-        z = self.backbone.init_state(u) if z0 is None else z0
+        z = self.initial_state(u) if z0 is None else z0
         calls0 = self._calls
         outs: list[State] = []
         z_prev = h_prev = None

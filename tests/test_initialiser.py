@@ -1,0 +1,65 @@
+"""Learned initial states (cdeq.consistency.initialiser) in the C-DEQ student and in HyperDEQ."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_consistency import ToyDEQ, ToyGraphDEQ, toy_batches, toy_trajectories
+
+from cdeq.consistency import ConsistencyDEQ, distill, equilibrium_error
+from cdeq.consistency.initialiser import StateInitialiser
+
+
+@pytest.mark.parametrize("init", ["linear", "mlp"])
+def test_untrained_learned_init_starts_at_the_teachers_z0(init):
+    teacher = ToyDEQ()
+    x = torch.randn(5, 8)
+    paper = ConsistencyDEQ(teacher, example=x)
+    learned = ConsistencyDEQ(teacher, init=init, example=x)
+    learned.load_state_dict({**paper.state_dict(), **{k: v for k, v in learned.state_dict().items()
+                                                      if k.startswith("initialiser.")}})
+    for k in (1, 3):
+        assert torch.equal(paper.infer(x, steps=k), learned.infer(x, steps=k))
+    hidden = [m.inp for m in learned.initialiser]
+    assert hidden == [None] if init == "linear" else all(h.out_features == 64 for h in hidden)
+
+
+def test_unknown_init_and_bad_width_are_errors():
+    with pytest.raises(ValueError, match="init: expected one of"):
+        ConsistencyDEQ(ToyDEQ(), init="random")
+    with pytest.raises(ValueError, match="hidden: expected an int >= 0"):
+        StateInitialiser(-1, -3)
+    with pytest.raises(RuntimeError, match="not built"):
+        StateInitialiser(-1, 0)(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("teacher_cls, x", [(ToyDEQ, torch.randn(3, 8)), (ToyGraphDEQ, torch.randn(1, 20, 5))])
+@pytest.mark.parametrize("init", ["linear", "mlp"])
+def test_state_dict_round_trip_builds_the_initialiser(teacher_cls, x, init):
+    teacher = teacher_cls()
+    a = ConsistencyDEQ(teacher, init=init, example=x)
+    with torch.no_grad():
+        for p in a.initialiser.parameters():
+            p.normal_()
+    b = ConsistencyDEQ(teacher, init=init)
+    b.load_state_dict(a.state_dict())
+    assert not torch.equal(a.infer(x, steps=2), ConsistencyDEQ(teacher, example=x).infer(x, steps=2))
+    assert torch.allclose(a.infer(x, steps=2), b.infer(x, steps=2))
+
+
+def test_distillation_trains_the_initialiser_and_it_helps_the_first_step():
+    """ToyDEQ's f(0, x) = tanh(U x) sees x only pointwise; a learned z_0 = A U x lets the first
+    call mix features, so the student gets closer to z* (measured: 0.077 vs 0.096 at one step,
+    0.031 vs 0.056 at two)."""
+    torch.manual_seed(0)
+    teacher = ToyDEQ()
+    train = toy_trajectories(teacher, toy_batches(teacher, n=1024, seed=1))
+    test = toy_trajectories(teacher, toy_batches(teacher, n=512, seed=2))
+    err = {}
+    for init in ("zeros", "linear"):
+        torch.manual_seed(0)
+        student = ConsistencyDEQ(teacher, init=init)
+        distill(student, train, steps=300, lambda_task=0.0, rollout_steps=2, progress=False, eval_nfes=())
+        err[init] = equilibrium_error(lambda x, k: student.infer(x, steps=k), test, [1, 2])
+        if init == "linear":
+            assert student.initialiser[0].out.weight.abs().max() > 1e-3
+    assert err["linear"][1] < 0.9 * err["zeros"][1] and err["linear"][2] < 0.8 * err["zeros"][2], err
