@@ -63,3 +63,18 @@ def test_distillation_trains_the_initialiser_and_it_helps_the_first_step():
         if init == "linear":
             assert student.initialiser[0].out.weight.abs().max() > 1e-3
     assert err["linear"][1] < 0.9 * err["zeros"][1] and err["linear"][2] < 0.8 * err["zeros"][2], err
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_nchw_maps_use_1x1_convolutions_equal_to_the_per_position_net(hidden):
+    from cdeq.consistency.initialiser import PointwiseNet
+
+    torch.manual_seed(0)
+    net = PointwiseNet(8, hidden, 12, 1)
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 8, 5, 5)
+    h = x.movedim(1, -1)
+    ref = net.out(h if hidden == 0 else torch.nn.functional.gelu(net.inp(h))).movedim(-1, 1)
+    out = net(x)
+    assert out.is_contiguous() and torch.allclose(out, ref, atol=1e-5)

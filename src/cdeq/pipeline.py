@@ -41,7 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "p_aug": 0.0,                  # Eq. 13 augmentation probability
     "anderson_m": 5,               # the teacher's Anderson window (trajectories and teacher rows)
     "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
-    "student_init": "zeros",       # where the students start: the teacher's z_0, or a learned "linear" / "mlp" z_0(u)
+    "student_init": "linear",      # where the students start: a learned z_0(u), "linear" or "mlp" (zero-initialised),
+                                   # or "zeros", the teacher's z_0 as in the paper (MNIST, NFE 1: 98.7% vs 97.1%)
     "distill_steps": 2000, "distill_batch_size": 64, "distill_lr": 1e-3,
     "lambda_global": 0.8, "lambda_task": 0.05, "ema": 0.999, "distance": "mse",
     "rollout_steps": None,         # self-rollout steps in distillation (None: the largest NFE evaluated,

@@ -33,6 +33,9 @@ class PointwiseNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and self.dim % 4 == 1:  # NCHW maps: 1x1 convolutions keep the memory layout
+            h = x if self.inp is None else F.gelu(F.conv2d(x, self.inp.weight[:, :, None, None], self.inp.bias))
+            return F.conv2d(h, self.out.weight[:, :, None, None], self.out.bias)
         h = x.movedim(self.dim, -1)
         if self.inp is not None:
             h = F.gelu(self.inp(h))
