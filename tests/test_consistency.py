@@ -172,6 +172,7 @@ def test_student_starts_as_teacher_and_meets_boundary_condition():
         hz = student.h(z, 1.0, u)
         assert torch.equal(student.g(z, 1.0, hz), z)
         assert torch.equal(student.g(z, 1.0, hz, z + 1, hz), z)
+        assert student.g(z, 0.01, hz) is hz  # c_skip(eps) = 0, c_out = 1: the first step is P itself
     with pytest.raises(ValueError, match="times must lie in"):
         student.h(z, 1.5, u)
     with pytest.raises(ValueError, match="steps"):

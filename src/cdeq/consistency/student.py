@@ -258,7 +258,10 @@ class ConsistencyDEQ(nn.Module):
         else:
             P = anderson_step(z, hz, z_prev, h_prev, beta_aa=self.beta_aa, lam=self.aa_lam, res=res,
                               res_prev=res_prev)
-        return combine(self.schedule.c_skip(t), z, self.schedule.c_out(t), P)
+        c_skip = self.schedule.c_skip(t)
+        if not isinstance(c_skip, Tensor) and c_skip == 0:  # t = eps, every inference's first step: g = P
+            return P
+        return combine(c_skip, z, self.schedule.c_out(t), P)
 
     def consistency(self, u: Any, z: State, t: Tensor, z_prev: State, t_prev: Tensor, first: Tensor) -> State:
         """g on teacher states (training): z = z_{t_k}, z_prev = z_{t_{k-1}} (any state where
