@@ -1,45 +1,78 @@
 """Print the README's results summary from results/*/table.json (the figures are never typed by hand).
 
+Runs in ``results/<task>/`` get their full table; the comparison runs beside them
+(``<task>-zeros``: the paper's z_0 = 0 for the students; ``<task>-long``: 4x the training steps;
+``<task>-mlp``: a two-layer learned z_0)
+get one line per method that differs from the main run.
+
 Usage: python scripts/results_summary.py
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("teacher-anderson", "hyperdeq", "direct", "cdeq-plain", "cdeq")
+VARIANTS = ("-zeros", "-long", "-mlp")
+
+
+def load(path: Path) -> tuple[dict, dict, Callable[[float], str], list[int]]:
+    t = json.loads(path.read_text())
+    fmt = (lambda v: f"{v * 100:.1f}") if t["metric"] == "accuracy" else (lambda v: f"{v:.1f}")
+    nfes = sorted({r["nfe"] for r in t["rows"] if r["method"] == "cdeq"})
+    value = {(r["method"], r["nfe"]): r["value"] for r in t["rows"]}
+    return t, value, fmt, nfes
+
+
+def header(t: dict, name: str, fmt: Callable[[float], str], value: dict) -> str:
+    acc = t["metric"] == "accuracy"
+    explicit = next(v for (m, _), v in value.items() if m == "explicit")
+    tc = t["teacher_converged"]
+    init = t.get("settings", {}).get("student_init", "zeros")  # runs before the setting started at zeros
+    return (f"**{t['task']}**, preset {t.get('preset', '?')}, student z_0 {init} "
+            f"({'accuracy %' if acc else 'perplexity'}; converged teacher {fmt(tc['value'])} at {tc['nfe']:.1f} NFE, "
+            f"explicit {fmt(explicit)}; {t['device']}, seed {t['seed']}, commit {t['commit'][:10]}; "
+            f"[table](results/{name}/table.md))")
+
+
+def main_run(path: Path) -> None:
+    t, value, fmt, nfes = load(path)
+    acc = t["metric"] == "accuracy"
+    print(header(t, path.parent.name, fmt, value) + "\n")
+    print("| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
+    print("|---|" + "---:|" * len(nfes))
+    for m in METHODS:
+        print(f"| {m} | " + " | ".join(fmt(value[(m, k)]) if (m, k) in value else "–" for k in nfes) + " |")
+    tc = t["teacher_converged"]
+    ratios = {k: value[("cdeq", k)] / tc["value"] for k in nfes}
+    what = "of the converged teacher's accuracy" if acc else "x the converged teacher's perplexity"
+    print("\nC-DEQ: " + ", ".join(f"NFE {k}: {r * 100:.1f}%" if acc else f"NFE {k}: {r:.3f}"
+                                 for k, r in ratios.items()) + f" {what}.")
+    if t.get("latency"):
+        print("C-DEQ time / (injection + k bare layer calls + readout), timed alternately: "
+              + ", ".join(f"NFE {k}: {v['ratio']:.2f}x" for k, v in t["latency"].items()) + ".")
+    for variant in VARIANTS:
+        other = path.parent.parent / (path.parent.name + variant) / "table.json"
+        if other.exists():
+            variant_lines(other, value)
+    print()
+
+
+def variant_lines(path: Path, main_value: dict) -> None:
+    t, value, fmt, nfes = load(path)
+    print(f"- {header(t, path.parent.name, fmt, value)}: "
+          + "; ".join(f"{m} " + " / ".join(fmt(value[(m, k)]) for k in nfes)
+                      for m in ("hyperdeq", "direct", "cdeq-plain", "cdeq")
+                      if any(value.get((m, k)) != main_value.get((m, k)) for k in nfes)) + " (NFE "
+          + " / ".join(str(k) for k in nfes) + ")")
 
 
 def main() -> None:
     for path in sorted(ROOT.glob("*/table.json")):
-        t = json.loads(path.read_text())
-        acc = t["metric"] == "accuracy"
-        fmt = (lambda v: f"{v * 100:.1f}") if acc else (lambda v: f"{v:.1f}")
-        nfes = sorted({r["nfe"] for r in t["rows"] if r["method"] == "cdeq"})
-        value = {(r["method"], r["nfe"]): r["value"] for r in t["rows"]}
-        explicit = next(r["value"] for r in t["rows"] if r["method"] == "explicit")
-        tc = t["teacher_converged"]
-        print(f"**{t['task']}**, preset {t.get('preset', '?')} ({'accuracy %' if acc else 'perplexity'}; converged teacher {fmt(tc['value'])} "
-              f"at {tc['nfe']:.1f} NFE, explicit {fmt(explicit)}; {t['device']}, seed {t['seed']}, "
-              f"commit {t['commit'][:10]}; [table](results/{path.parent.name}/table.md))\n")
-        print("| method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
-        print("|---|" + "---:|" * len(nfes))
-        for m in METHODS:
-            print(f"| {m} | " + " | ".join(fmt(value[(m, k)]) if (m, k) in value else "–" for k in nfes) + " |")
-        ratios = {k: value[("cdeq", k)] / tc["value"] for k in nfes}
-        what = "of the converged teacher's accuracy" if acc else "x the converged teacher's perplexity"
-        print("\nC-DEQ: " + ", ".join(f"NFE {k}: {r * 100:.1f}%" if acc else f"NFE {k}: {r:.3f}"
-                                     for k, r in ratios.items()) + f" {what}.")
-        if t.get("latency"):
-            print("C-DEQ time / (injection + k bare layer calls + readout), timed alternately: "
-                  + ", ".join(f"NFE {k}: {v['ratio']:.2f}x" for k, v in t["latency"].items()) + ".")
-        elif t.get("bare_layer_time_ms"):
-            bare = t["bare_layer_time_ms"]
-            times = {r["nfe"]: r["time_ms"] for r in t["rows"] if r["method"] == "cdeq"}
-            print("C-DEQ time / (injection + k bare layer calls + readout): "
-                  + ", ".join(f"NFE {k}: {times[k] / bare[str(k)]:.2f}x" for k in nfes if str(k) in bare) + ".")
-        print()
+        if not path.parent.name.endswith(VARIANTS):
+            main_run(path)
 
 
 if __name__ == "__main__":
