@@ -47,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "lambda_global": 0.8, "lambda_task": 0.05, "ema": 0.999, "distance": "mse",
     "rollout_steps": None,         # self-rollout steps in distillation (None: the largest NFE evaluated,
                                    # so the student trains on every state inference visits; 0: Algorithm 2)
-    "rollout_weight": 1.0,         # weight of the rollout term against the teacher-state term of L_global
+    "rollout_weight": 10.0,        # weight of the rollout term against the teacher-state term of L_global
+                                   # (1 -> 10, Cora: C-DEQ 82.3 / 82.4 / 82.6 / 83.1 -> 82.6 / 82.8 / 83.2 / 83.4)
     "hyper_steps": 1000, "direct_steps": 1000,
     "nfe": (1, 2, 4, 8),           # budgets of every method
     "teacher_nfe": (16, 32),       # extra budgets of the teacher rows
@@ -381,7 +382,7 @@ class Run:
                 "lambda_global": self.s["lambda_global"], "lambda_task": self.s["lambda_task"], "ema": self.s["ema"],
                 "distance": self.s["distance"],
                 "rollout_steps": max(self.s["nfe"]) if self.s["rollout_steps"] is None else self.s["rollout_steps"],
-                # in the stage key only when changed, so that earlier runs' stages stay valid
+                # in the stage key unless 1.0, its value before the setting existed (earlier runs' stages stay valid)
                 **({"rollout_weight": self.s["rollout_weight"]} if self.s["rollout_weight"] != 1.0 else {})}
 
     def distill(self, structure: str, name: Optional[str] = None, **changes: Any):
