@@ -1,9 +1,9 @@
 """Print the README's results summary from results/*/table.json (the figures are never typed by hand).
 
 Runs in ``results/<task>/`` get their full table; the comparison runs beside them
-(``<task>-zeros``: the paper's z_0 = 0 for the students; ``<task>-long``: 4x the training steps;
-``<task>-mlp``: a two-layer learned z_0)
-get one line per method that differs from the main run.
+(``<task>-rw1``: the rollout term weighted 1 instead of 10; ``<task>-zeros``: also the paper's
+z_0 = 0 for the students; ``<task>-long``: that with 4x the training steps; ``<task>-mlp``: a
+two-layer learned z_0, rollout weight 1) get one line per method that differs from the main run.
 
 Usage: python scripts/results_summary.py
 """
@@ -15,7 +15,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("teacher-anderson", "hyperdeq", "direct", "cdeq-plain", "cdeq")
-VARIANTS = ("-zeros", "-long", "-mlp")
+VARIANTS = ("-rw1", "-zeros", "-long", "-mlp")
 
 
 def load(path: Path) -> tuple[dict, dict, Callable[[float], str], list[int]]:
@@ -30,8 +30,9 @@ def header(t: dict, name: str, fmt: Callable[[float], str], value: dict) -> str:
     acc = t["metric"] == "accuracy"
     explicit = next(v for (m, _), v in value.items() if m == "explicit")
     tc = t["teacher_converged"]
-    init = t.get("settings", {}).get("student_init", "zeros")  # runs before the setting started at zeros
-    return (f"**{t['task']}**, preset {t.get('preset', '?')}, student z_0 {init} "
+    init = t.get("settings", {}).get("student_init", "zeros")  # runs before these settings: zeros, 1
+    rollout_weight = t.get("settings", {}).get("rollout_weight", 1.0)
+    return (f"**{t['task']}**, preset {t.get('preset', '?')}, student z_0 {init}, rollout weight {rollout_weight:g} "
             f"({'accuracy %' if acc else 'perplexity'}; converged teacher {fmt(tc['value'])} at {tc['nfe']:.1f} NFE, "
             f"explicit {fmt(explicit)}; {t['device']}, seed {t['seed']}, commit {t['commit'][:10]}; "
             f"[table](results/{name}/table.md))")
