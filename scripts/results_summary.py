@@ -1,9 +1,10 @@
 """Print the README's results summary from results/*/table.json (the figures are never typed by hand).
 
 Runs in ``results/<task>/`` get their full table; the comparison runs beside them
-(``<task>-rw1``: the rollout term weighted 1 instead of 10; ``<task>-zeros``: also the paper's
-z_0 = 0 for the students; ``<task>-long``: that with 4x the training steps; ``<task>-mlp``: a
-two-layer learned z_0, rollout weight 1) get one line per method that differs from the main run.
+(``<task>-long``: 4x the distillation, HyperDEQ and direct steps; ``<task>-rw1``: the rollout term
+weighted 1 instead of 10; ``<task>-zeros``: also the paper's z_0 = 0 for the students;
+``<task>-mlp``: a two-layer learned z_0, rollout weight 1) get one line per method that differs
+from the main run.
 
 Usage: python scripts/results_summary.py
 """

@@ -88,6 +88,10 @@ TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Settings added after runs were made, with the value those runs had: a stage key holds them only
+# when they differ from it (Run._since).
+_VALUE_BEFORE: dict[str, Any] = {"student_init": "zeros", "rollout_weight": 1.0}
+
 # Settings whose default is None but whose values are integers.
 _INT_SETTINGS = {"traj_batches", "traj_batch_size", "eval_batch_size", "eval_limit", "rollout_steps", "explicit_steps"}
 
@@ -330,11 +334,15 @@ class Run:
     def timemap(self) -> dict[str, Any]:
         return {k: self.s[k] for k in ("gamma", "eps", "T", "rho", "beta")}
 
+    def _since(self, setting: str, name: str) -> dict[str, Any]:
+        """``{name: value}`` of a setting added after runs were made, empty at the value those runs
+        used (:data:`_VALUE_BEFORE`), so their stage keys, and so their cached stages, stay valid."""
+        value = self.s[setting]
+        return {} if value == _VALUE_BEFORE[setting] else {name: value}
+
     def student_options(self) -> dict[str, Any]:
-        """ConsistencyDEQ options of the students and the direct baseline (also their stage keys;
-        ``init`` only when not the paper's zeros, so that earlier runs' stages stay valid)."""
-        init = self.s["student_init"]
-        return {**self.timemap(), **({"init": init} if init != "zeros" else {})}
+        """ConsistencyDEQ options of the students and the direct baseline (also their stage keys)."""
+        return {**self.timemap(), **self._since("student_init", "init")}
 
     # -- stages ---------------------------------------------------------------------------------------
     def train_teacher(self) -> dict[str, Any]:
@@ -382,19 +390,18 @@ class Run:
                 "lambda_global": self.s["lambda_global"], "lambda_task": self.s["lambda_task"], "ema": self.s["ema"],
                 "distance": self.s["distance"],
                 "rollout_steps": max(self.s["nfe"]) if self.s["rollout_steps"] is None else self.s["rollout_steps"],
-                # in the stage key unless 1.0, its value before the setting existed (earlier runs' stages stay valid)
-                **({"rollout_weight": self.s["rollout_weight"]} if self.s["rollout_weight"] != 1.0 else {})}
+                **self._since("rollout_weight", "rollout_weight")}
 
     def distill(self, structure: str, name: Optional[str] = None, **changes: Any):
         """Distil a C-DEQ student (``structure`` "anderson" or "plain"); returns (student, summary)."""
         from cdeq.consistency import ConsistencyDEQ, distill
 
         settings = {**self.distill_settings(), **{k: v for k, v in changes.items() if k in self.distill_settings()}}
-        timemap = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
+        options = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
         stage = Stage(self.run_dir, name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
                       {"trajectories": self.traj_stage.key, "structure": structure, "seed": self.config.seed,
-                       **timemap, **settings})
-        student = ConsistencyDEQ(self.teacher(), structure=structure, **timemap).to(self.device)
+                       **options, **settings})
+        student = ConsistencyDEQ(self.teacher(), structure=structure, **options).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
             result = distill(student, self.trajectories(), checkpoint_dir=str(d), device=self.device,

@@ -52,7 +52,7 @@ class HyperDEQ(nn.Module):
             raise ValueError(f"m: expected an int >= 2 (Anderson history), got {m!r}")
         if not 0 < tau <= 1:
             raise ValueError(f"tau: expected a damping in (0, 1], got {tau}")
-        self.m, self.tau, self.lam, self.init_hidden = m, float(tau), float(lam), init_hidden
+        self.m, self.tau, self.lam = m, float(tau), float(lam)
         self.feature_dim = int(getattr(teacher, "feature_dim", -1))
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
         reset_norm(self.teacher)
@@ -82,7 +82,7 @@ class HyperDEQ(nn.Module):
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """As ``nn.Module.load_state_dict``; builds the initialiser from the saved shapes if needed."""
-        self.init_nets.build_from_state_dict(state_dict, "init_nets.")
+        self.init_nets.build_from_state_dict(state_dict, "init_nets.", next(self.mixer.parameters()))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def initial_state(self, u: Any) -> State:

@@ -89,8 +89,9 @@ class StateInitialiser(nn.ModuleList):
             net = PointwiseNet(src.shape[self.feature_dim], self.hidden, part.shape[self.feature_dim], self.feature_dim)
             self.append(net.to(device=part.device, dtype=part.dtype))
 
-    def build_from_state_dict(self, state_dict: Any, prefix: str) -> None:
-        """Create the nets from the shapes saved under ``prefix`` (e.g. ``"init_nets."``)."""
+    def build_from_state_dict(self, state_dict: Any, prefix: str, like: Tensor) -> None:
+        """Create the nets from the shapes saved under ``prefix`` (e.g. ``"init_nets."``), on the
+        device and dtype of ``like`` (a parameter of the owning model)."""
         if self.built:
             return
         i = 0
@@ -98,7 +99,8 @@ class StateInitialiser(nn.ModuleList):
             w_out = state_dict[f"{prefix}{i}.out.weight"]
             w_in: Optional[Tensor] = state_dict.get(f"{prefix}{i}.inp.weight")
             c_in, hidden = (w_in.shape[1], w_in.shape[0]) if w_in is not None else (w_out.shape[1], 0)
-            self.append(PointwiseNet(c_in, hidden, w_out.shape[0], self.feature_dim))
+            net = PointwiseNet(c_in, hidden, w_out.shape[0], self.feature_dim)
+            self.append(net.to(device=like.device, dtype=like.dtype))
             i += 1
 
     def forward(self, u: Any, z: State) -> State:  # type: ignore[override]

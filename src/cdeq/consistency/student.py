@@ -199,8 +199,7 @@ class ConsistencyDEQ(nn.Module):
             like = next(self.backbone.parameters(), torch.zeros(()))
             self._build_channels([state_dict[f"proj.{i}.weight"].shape[0] for i in range(n)], like)
             if self.initialiser is not None:
-                self.initialiser.build_from_state_dict(state_dict, "initialiser.")
-                self.initialiser.to(device=like.device, dtype=like.dtype)
+                self.initialiser.build_from_state_dict(state_dict, "initialiser.", like)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- Eq. 5, 7, 8 -------------------------------------------------------------------------------
