@@ -13,7 +13,7 @@ from torch import nn
 import cdeq
 from cdeq.consistency.distill import check_state_shapes, distill, equilibrium_error, teacher_error
 from cdeq.consistency.schedule import TimeSchedule
-from cdeq.consistency.student import ConsistencyDEQ, anderson_step
+from cdeq.consistency.student import ConsistencyDEQ, anderson_step, batch_dot, batch_sq_norm
 from cdeq.consistency.trajectories import sample_trajectories
 from cdeq.models.protocol import DEQModel
 
@@ -191,6 +191,16 @@ def test_anderson_step_float32_near_convergence_matches_float64():
     ours = anderson_step(z.float(), hz.float(), zp.float(), hp.float(), lam=1e-4)
     # forming d keeps the error ~2e-4 here; expanding ||d||^2 into inner products gave 7e-3
     assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_batch_dot_and_sq_norm_are_per_sample_over_all_parts():
+    torch.manual_seed(0)
+    a = (torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+    b = (torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+    want = torch.stack([sum((p[i] * q[i]).sum() for p, q in zip(a, b)) for i in range(3)])
+    torch.testing.assert_close(batch_dot(a, b), want)
+    torch.testing.assert_close(batch_sq_norm(a), batch_dot(a, a))
+    torch.testing.assert_close(batch_sq_norm(a[0]), a[0].flatten(1).square().sum(1))
 
 
 def test_anderson_step_with_exact_h_is_two_step_anderson():

@@ -6,7 +6,7 @@ import torch
 from test_consistency import ToyDEQ, ToyGraphDEQ, toy_batches, toy_trajectories
 
 from cdeq.consistency import ConsistencyDEQ, distill, equilibrium_error
-from cdeq.consistency.initialiser import StateInitialiser
+from cdeq.consistency.initialiser import StateInitialiser, pointwise_linear
 
 
 @pytest.mark.parametrize("init", ["linear", "mlp"])
@@ -78,3 +78,22 @@ def test_nchw_maps_use_1x1_convolutions_equal_to_the_per_position_net(hidden):
     ref = net.out(h if hidden == 0 else torch.nn.functional.gelu(net.inp(h))).movedim(-1, 1)
     out = net(x)
     assert out.is_contiguous() and torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, dim", [((3, 4, 5, 6), 1), ((3, 4, 7), 1), ((3, 5, 4), -1), ((3, 4, 2, 5), 2)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_pointwise_linear_is_a_linear_map_along_dim(shape, dim, per_sample):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    c = shape[dim]
+    weight = torch.randn(6, c, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 6, dtype=torch.float64) if per_sample else torch.randn(6, dtype=torch.float64)
+    out = pointwise_linear(x, weight, bias, dim)
+    moved = x.movedim(dim, -1)
+    want = (moved @ weight.T + (bias.reshape(3, *[1] * (x.dim() - 2), 6) if per_sample else bias)).movedim(-1, dim)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want)
+    g_out = torch.autograd.grad(out.square().sum(), (x, weight))
+    g_want = torch.autograd.grad(want.square().sum(), (x, weight))
+    for a, b in zip(g_out, g_want):
+        torch.testing.assert_close(a, b)

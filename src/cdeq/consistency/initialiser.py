@@ -15,10 +15,29 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdeq.state import State, as_tuple
+
+
+def pointwise_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], dim: int) -> Tensor:
+    """``weight @ x + bias`` along ``dim`` at every position; ``bias`` is ``(C_out,)`` or per sample
+    ``(B, C_out)``. Channels-first maps (``(B, C, ...)``, ``dim`` 1) take one ``baddbmm`` over the
+    flattened positions, which keeps their memory layout: a 1x1 ``conv2d`` took 1.2-1.5x as long on
+    CPU for MNIST-sized batches, ``movedim`` + ``linear`` copies twice."""
+    dim = dim % x.dim()
+    if dim == 1 and x.dim() > 2:
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        w = weight.expand(x.shape[0], *weight.shape)
+        out = torch.bmm(w, flat) if bias is None else torch.baddbmm(bias.unsqueeze(-1), w, flat)
+        return out.reshape(x.shape[0], weight.shape[0], *x.shape[2:])
+    if bias is None or bias.dim() == 1:
+        return F.linear(x.movedim(dim, -1), weight, bias).movedim(-1, dim)
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = bias.shape[0], weight.shape[0]
+    return F.linear(x.movedim(dim, -1), weight).movedim(-1, dim) + bias.reshape(shape)
 
 
 class PointwiseNet(nn.Module):
@@ -33,13 +52,9 @@ class PointwiseNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and self.dim % 4 == 1:  # NCHW maps: 1x1 convolutions keep the memory layout
-            h = x if self.inp is None else F.gelu(F.conv2d(x, self.inp.weight[:, :, None, None], self.inp.bias))
-            return F.conv2d(h, self.out.weight[:, :, None, None], self.out.bias)
-        h = x.movedim(self.dim, -1)
         if self.inp is not None:
-            h = F.gelu(self.inp(h))
-        return self.out(h).movedim(-1, self.dim)
+            x = F.gelu(pointwise_linear(x, self.inp.weight, self.inp.bias, self.dim))
+        return pointwise_linear(x, self.out.weight, self.out.bias, self.dim)
 
 
 class StateInitialiser(nn.ModuleList):
