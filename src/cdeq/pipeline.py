@@ -221,6 +221,25 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu}, {torch.get_num_threads()} threads"
 
 
+def student_latency(student: ConsistencyDEQ, teacher: Any, x: Any, budgets: list[int], device: torch.device,
+                    repeats: int = 21) -> dict[str, dict[str, float]]:
+    """C-DEQ's time per batch at NFE=k against its floor: the injection, k bare calls of the
+    teacher's layer and the readout, on the same batch ``x``, timed alternately (median of
+    ``repeats``) so the ratio is not skewed by load that changes between two measurements."""
+    def bare(k: int) -> Tensor:
+        u = teacher.inject(x)
+        z = teacher.init_state(u)
+        for _ in range(k):
+            z = teacher.layer(z, u)
+        return teacher.readout(z)
+    out = {}
+    for k in budgets:
+        ms = time_interleaved_ms({"cdeq": lambda k=k: student.predict(x, steps=k), "bare": lambda k=k: bare(k)},
+                                 device, repeats=repeats)
+        out[str(k)] = {"cdeq_ms": ms["cdeq"], "bare_ms": ms["bare"], "ratio": ms["cdeq"] / ms["bare"]}
+    return out
+
+
 class Stage:
     """One cached, resumable stage of a run: ``RUN_DIR/<name>-<key>/`` with ``done.json``."""
 
@@ -496,25 +515,10 @@ class Run:
         return [self.evaluate_method(name, k, state_fn(k), None, _params(teacher)) for k in budgets]
 
     def latency(self, student: ConsistencyDEQ, budgets: list[int]) -> dict[str, dict[str, float]]:
-        """C-DEQ's time at NFE=k against its floor, the injection, k bare calls of the teacher's
-        layer and the readout, on the same first test batch, timed alternately (median of
-        repeats) so the ratio is not skewed by load that changes between two measurements."""
-        teacher = self.teacher()
+        """:func:`student_latency` on the first test batch."""
         x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
-        x0 = to_device(x0, self.device)
-
-        def bare(k: int) -> Tensor:
-            u = teacher.inject(x0)
-            z = teacher.init_state(u)
-            for _ in range(k):
-                z = teacher.layer(z, u)
-            return teacher.readout(z)
-        out = {}
-        for k in budgets:
-            ms = time_interleaved_ms({"cdeq": lambda k=k: student.predict(x0, steps=k), "bare": lambda k=k: bare(k)},
-                                     self.device, repeats=3 * self.s["time_repeats"])
-            out[str(k)] = {"cdeq_ms": ms["cdeq"], "bare_ms": ms["bare"], "ratio": ms["cdeq"] / ms["bare"]}
-        return out
+        return student_latency(student, self.teacher(), to_device(x0, self.device), budgets, self.device,
+                               repeats=3 * self.s["time_repeats"])
 
     def converged_teacher(self) -> dict[str, Any]:
         """The teacher at its working tolerance: its metric and mean NFE."""
