@@ -47,7 +47,7 @@ def test_tiny_pipeline_writes_the_binding_table(tiny_run):
     # C-DEQ's latency is measured against k bare layer calls at every budget.
     assert set(on_disk["latency"]) == {str(k) for k in config.settings["nfe"]}
     for v in on_disk["latency"].values():
-        assert v["cdeq_ms"] > 0 and v["bare_ms"] > 0 and v["ratio"] == pytest.approx(v["cdeq_ms"] / v["bare_ms"])
+        assert v["cdeq_ms"] > 0 and v["bare_ms"] > 0 and 0 < v["ratio"] < float("inf")  # median of per-round ratios
     assert "timed alternately" in (out / "table.md").read_text()
     # The teacher's Anderson rows reduce the residual as the budget grows.
     anderson = sorted((r["nfe"], r["rel_residual"]) for r in on_disk["rows"] if r["method"] == "teacher-anderson")

@@ -35,10 +35,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, rep
     return statistics.median(times)
 
 
-def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
-                        repeats: int = 15) -> dict[str, float]:
-    """Median wall time in ms of each of ``fns``, called in turn within every repeat, so that a
-    change of machine load (other processes on a shared CPU) hits all of them alike; for ratios."""
+def time_rounds_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+                   repeats: int = 15) -> dict[str, list[float]]:
+    """Wall times in ms of each of ``fns`` in every round, the functions called in turn within a
+    round, so that a change of machine load (other processes on a shared CPU) hits all of them
+    alike; the ratio of two within a round is steadier than the ratio of their medians."""
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns.values():
@@ -47,7 +48,7 @@ def time_interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.devi
         for _ in range(repeats):
             for name, fn in fns.items():
                 times[name].append(time_ms(fn, device, warmup=0, repeats=1))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
-from cdeq.measure import peak_memory_mb, time_interleaved_ms, time_ms
+from cdeq.measure import peak_memory_mb, time_ms, time_rounds_ms
 from cdeq.state import batch_norm2, to_device
 from cdeq.training import BEST, CHECKPOINT, METRICS
 
@@ -221,23 +222,29 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {cpu}, {torch.get_num_threads()} threads"
 
 
+LATENCY_RATIO = "median of per-round ratios"  # how table.json's latency ratio is formed (earlier: ratio of medians)
+
+
 def student_latency(student: ConsistencyDEQ, teacher: Any, x: Any, budgets: list[int], device: torch.device,
                     repeats: int = 21) -> dict[str, dict[str, float]]:
     """C-DEQ's time per batch at NFE=k against its floor: the injection, k bare calls of the
-    teacher's layer and the readout, on the same batch ``x``, timed alternately (median of
-    ``repeats``) so the ratio is not skewed by load that changes between two measurements."""
+    teacher's layer and the readout, on the same batch ``x``. Every budget of both is timed in each
+    round; ``cdeq_ms``/``bare_ms`` are medians over rounds, ``ratio`` the median of the ratios within
+    a round (steady under load from other processes, which changes between rounds)."""
     def bare(k: int) -> Tensor:
         u = teacher.inject(x)
         z = teacher.init_state(u)
         for _ in range(k):
             z = teacher.layer(z, u)
         return teacher.readout(z)
-    out = {}
+    fns: dict[str, Callable[[], object]] = {}
     for k in budgets:
-        ms = time_interleaved_ms({"cdeq": lambda k=k: student.predict(x, steps=k), "bare": lambda k=k: bare(k)},
-                                 device, repeats=repeats)
-        out[str(k)] = {"cdeq_ms": ms["cdeq"], "bare_ms": ms["bare"], "ratio": ms["cdeq"] / ms["bare"]}
-    return out
+        fns[f"cdeq{k}"] = lambda k=k: student.predict(x, steps=k)
+        fns[f"bare{k}"] = lambda k=k: bare(k)
+    times = time_rounds_ms(fns, device, warmup=3, repeats=repeats)
+    return {str(k): {"cdeq_ms": statistics.median(times[f"cdeq{k}"]), "bare_ms": statistics.median(times[f"bare{k}"]),
+                     "ratio": statistics.median(c / b for c, b in zip(times[f"cdeq{k}"], times[f"bare{k}"]))}
+            for k in budgets}
 
 
 class Stage:
@@ -568,6 +575,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
         "seed": config.seed, "preset": config.preset, "teacher_converged": run.converged_teacher(),
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
         "latency": run.latency(cdeq_student, list(s["nfe"])),
+        "latency_ratio": LATENCY_RATIO,
         "rows": rows,
     }
     write_report(run.run_dir, table, figures=figures)

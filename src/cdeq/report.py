@@ -67,9 +67,10 @@ def markdown_table(table: dict[str, Any]) -> str:
         )
     latency = table.get("latency")
     if latency:
+        how = table.get("latency_ratio", "ratio of medians")
         lines += ["", "C-DEQ at NFE=k against the injection, k bare teacher-layer calls and the readout (same "
-                  "batch, timed alternately): "
-                  + ", ".join(f"k={k}: {v['cdeq_ms']:.2f} / {v['bare_ms']:.2f} ms = {v['ratio']:.2f}x"
+                  f"batch, timed alternately; median times over rounds, {how}): "
+                  + ", ".join(f"k={k}: {v['cdeq_ms']:.2f} / {v['bare_ms']:.2f} ms, {v['ratio']:.2f}x"
                               for k, v in latency.items()) + "."]
     elif table.get("bare_layer_time_ms"):  # tables written before the interleaved measurement
         lines += ["", "Time of the injection, k bare teacher-layer calls and the readout (same batch): "
