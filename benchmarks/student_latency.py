@@ -7,7 +7,9 @@ the readout, alternately (:func:`cdeq.pipeline.student_latency`, what ``cdeq run
 ``table.json``), so this measures the pipeline's latency target without training anything. The
 per-step columns are the differences between the largest and the smallest budget, over their NFE:
 the student's step (its call of f', the W projection of Eq. 8, the residual, the Anderson step of
-Eq. 7 and the skip of Eq. 5) against one call of the teacher's layer.
+Eq. 7 and the skip of Eq. 5) against one call of the teacher's layer. Each task is measured with
+the student's eager step and with its fused one (``ConsistencyDEQ.fused``, what ``cdeq run`` uses
+by default); the fused step compiles during the warm-up.
 
     python benchmarks/student_latency.py --threads 1    # writes results/benchmarks/student-latency-cpu.{json,md}
 """
@@ -31,20 +33,24 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.15  # the pipeline issue's bound on C-DEQ's time over the bare layer calls
 
 
-def measure(task_name: str, preset: str, budgets: list[int], device: torch.device, repeats: int) -> dict:
-    """One task's row: times and ratios per budget, and the per-step costs."""
+def measure(task_name: str, preset: str, budgets: list[int], device: torch.device, repeats: int) -> list[dict]:
+    """One task's rows, eager and fused C-DEQ steps: times and ratios per budget, per-step costs."""
     task = tasks.get(task_name)
     teacher = task.build_teacher(preset).to(device).eval().requires_grad_(False)
     x, _ = next(iter(task.batches("test", limit=1)))
     x = to_device(x, device)
     student = ConsistencyDEQ(teacher, init=DEFAULTS["student_init"], example=x).to(device).eval()
-    per_k = student_latency(student, teacher, x, budgets, device, repeats=repeats)
-    lo, hi = str(min(budgets)), str(max(budgets))
-    steps = max(budgets) - min(budgets)
-    step_ms = (per_k[hi]["cdeq_ms"] - per_k[lo]["cdeq_ms"]) / steps
-    layer_ms = (per_k[hi]["bare_ms"] - per_k[lo]["bare_ms"]) / steps
-    return {"task": task_name, "latency": per_k, "step_ms": step_ms, "layer_ms": layer_ms,
-            "step_over_layer": step_ms / layer_ms}
+    rows = []
+    for fused in (False, True):
+        student.fused = fused
+        per_k = student_latency(student, teacher, x, budgets, device, repeats=repeats)
+        lo, hi = str(min(budgets)), str(max(budgets))
+        steps = max(budgets) - min(budgets)
+        step_ms = (per_k[hi]["cdeq_ms"] - per_k[lo]["cdeq_ms"]) / steps
+        layer_ms = (per_k[hi]["bare_ms"] - per_k[lo]["bare_ms"]) / steps
+        rows.append({"task": task_name, "step": "fused" if student.fused else "eager", "latency": per_k,
+                     "step_ms": step_ms, "layer_ms": layer_ms, "step_over_layer": step_ms / layer_ms})
+    return rows
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -55,12 +61,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "ratio = time of `student.predict(x, k)` / time of injection + k bare teacher-layer calls + readout "
              f"(target <= {TARGET}); per step: the difference between NFE {budgets[-1]} and NFE {budgets[0]} over "
              "their NFE.", "",
-             "| task | " + " | ".join(f"NFE {k}: C-DEQ ms / bare ms (ratio)" for k in budgets)
+             "| task | C-DEQ step | " + " | ".join(f"NFE {k}: C-DEQ ms / bare ms (ratio)" for k in budgets)
              + " | C-DEQ step ms | layer call ms | step / layer |",
-             "|---|" + "---|" * (len(budgets) + 3)]
+             "|---|---|" + "---|" * (len(budgets) + 3)]
     for r in rows:
         cells = [f"{v['cdeq_ms']:.1f} / {v['bare_ms']:.1f} ({v['ratio']:.3f})" for v in (r["latency"][str(k)] for k in budgets)]
-        lines.append(f"| {r['task']} | " + " | ".join(cells)
+        lines.append(f"| {r['task']} | {r['step']} | " + " | ".join(cells)
                      + f" | {r['step_ms']:.2f} | {r['layer_ms']:.2f} | {r['step_over_layer']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -90,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     rows = []
     for name in args.tasks:
         torch.manual_seed(args.seed)
-        rows.append(measure(name, args.preset, budgets, device, args.repeats))
+        rows += measure(name, args.preset, budgets, device, args.repeats)
         print(f"done: {name}", file=sys.stderr)
     md = markdown(meta, rows)
     print(md)

@@ -5,6 +5,7 @@ The toy DEQs here are shared with test_trajectories, test_hyperdeq and test_dire
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from cdeq.consistency.schedule import TimeSchedule
 from cdeq.consistency.student import ConsistencyDEQ, anderson_step, batch_dot, batch_sq_norm
 from cdeq.consistency.trajectories import sample_trajectories
 from cdeq.models.protocol import DEQModel
+from cdeq.state import as_tuple
 
 
 class ToyDEQ(DEQModel):
@@ -252,6 +254,42 @@ def test_inference_costs_one_network_evaluation_per_step(structure):
         assert z.shape == (4, 32)
     calls[0] = 0
     assert student.predict(x, steps=3).shape == (4, 4) and calls[0] == 3
+
+
+def _perturbed_student(teacher: nn.Module, x: torch.Tensor) -> ConsistencyDEQ:
+    student = ConsistencyDEQ(teacher, example=x)
+    with torch.no_grad():
+        for lin in student.proj:
+            lin.weight.add_(0.1 * torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(1)))
+    return student
+
+
+@pytest.mark.parametrize("teacher_cls, d_in", [(ToyDEQ, 8), (ToyTupleDEQ, 6)])
+def test_fused_inference_matches_the_eager_steps(teacher_cls, d_in):
+    x = torch.randn(6, d_in, generator=torch.Generator().manual_seed(0))
+    student = _perturbed_student(teacher_cls(), x)
+    eager = student.infer(x, steps=4)
+    student.fused = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would fail here
+        fused = student.infer(x, steps=4)
+    assert student.fused and student.nfe == 4
+    for a, b in zip(as_tuple(eager), as_tuple(fused)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_inference_falls_back_to_eager_when_it_cannot_compile(monkeypatch):
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    student = _perturbed_student(ToyDEQ(), x)
+    eager = student.infer(x, steps=3)
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr("cdeq.consistency.student.fused_inference_step", lambda: no_compiler)
+    student.fused = True
+    with pytest.warns(RuntimeWarning, match="could not be compiled .*no C\\+\\+ compiler.*running it eager"):
+        out = student.infer(x, steps=3)
+    assert not student.fused and torch.equal(out, eager)
 
 
 def test_nfe1_is_h_at_z0_and_custom_schedule():

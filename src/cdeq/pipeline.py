@@ -56,12 +56,15 @@ DEFAULTS: dict[str, Any] = {
     "eval_batch_size": None,       # None: the task's batch size
     "eval_limit": None,            # test batches to evaluate (None: all)
     "time_repeats": 5,
+    "fused_inference": True,       # C-DEQ's no-grad Anderson step compiled into fused loops (torch.compile;
+                                   # ConsistencyDEQ.fused); eager when it cannot compile
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"teacher_preset": "tiny", "traj_steps": 6, "traj_batches": 2, "traj_batch_size": 8,
              "distill_steps": 6, "distill_batch_size": 4, "hyper_steps": 4, "direct_steps": 4,
-             "nfe": (1, 2), "teacher_nfe": (4,), "eval_limit": 2, "eval_batch_size": 8, "time_repeats": 1},
+             "nfe": (1, 2), "teacher_nfe": (4,), "eval_limit": 2, "eval_batch_size": 8, "time_repeats": 1,
+             "fused_inference": False},
     "small": {"distill_steps": 300, "hyper_steps": 200, "direct_steps": 200},
     "cpu": {},
     "gpu": {"teacher_preset": "gpu", "distill_steps": 6000, "hyper_steps": 3000, "direct_steps": 3000},
@@ -553,6 +556,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
     run.train_explicit()
     run.sample()
     cdeq_student, _ = run.distill("anderson")
+    cdeq_student.fused = s["fused_inference"]
     plain_student, _ = run.distill("plain")
     hyper, _ = run.train_hyperdeq()
     directs = {j: run.train_direct(j)[0] for j in s["nfe"]}
