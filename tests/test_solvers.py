@@ -339,3 +339,14 @@ def test_check_residual_off_makes_exactly_max_iter_calls():
     z, info = cdeq.solve(f, torch.zeros(3, 30, dtype=torch.float64), max_iter=4, tol=0, check_residual=False)
     assert f.calls == info.nfe == 4
     assert info.abs_residual is None and info.rel_residual is None and info.converged is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lam", [1e-4, 0.0])
+def test_anderson_stays_at_an_exact_fixed_point(dtype, lam):
+    """Every g_i = 0 makes G G^T = 0: the ridge floor (lam > 0) or the singular-solve fallback
+    (lam = 0) must keep the iterate, not turn it into NaN, in a fixed-budget solve."""
+    z0 = torch.linspace(-1, 1, 30, dtype=dtype).reshape(3, 10)
+    z, info = cdeq.solve(lambda z: z.clone(), z0, solver="anderson", max_iter=8, tol=0, lam=lam)
+    torch.testing.assert_close(z, z0)  # equal weights on equal iterates: equal up to rounding
+    assert info.nfe == 8 and not info.diverged.any() and bool(info.converged.all())

@@ -23,7 +23,8 @@ from cdeq.solvers.fixed_point import check_tau
 
 
 # |alpha| above this means a (near-)singular or non-finite solve (checked when lam = 0; with lam > 0,
-# ||alpha||^2 <= (m + lam) / lam).
+# ||alpha||^2 <= (m + lam) / lam, so only a non-finite H could fail, and the divergence check keeps
+# those samples frozen).
 ALPHA_LIMIT = 1e6
 
 
@@ -39,18 +40,23 @@ class _Window:
         self.gram, self.gram_diag = gram[:, :n, :n], gram[:, :n, :n].diagonal(dim1=1, dim2=2)
         self.ones, self.eye, self.fallback = ones[:, :n], eye[:n, :n], eye[s, :n]
 
-    def weights(self, lam: float, advance: Tensor) -> Tensor:
-        """alpha = H^{-1} 1 / (1^T H^{-1} 1), H = G G^T + lam * mean(diag) * I (Eq. 9); a sample whose
-        alpha is non-finite or huge (singular H) takes e_s, a damped fixed-point step, and so does a
-        frozen one (``advance`` False; its y_s is its old iterate). No host sync."""
-        H = torch.addcmul(self.gram, self.gram_diag.mean(dim=1, keepdim=True).unsqueeze(2), self.eye, value=lam)
+    def weights(self, lam: float, floor: float, advance: Tensor) -> Tensor:
+        """alpha = H^{-1} 1 / (1^T H^{-1} 1), H = G G^T + lam * (mean(diag) + floor / n) * I (Eq. 9).
+
+        With lam > 0, H is SPD with finite entries for every advancing sample (its g_i all passed
+        the divergence check), so alpha is finite; ``floor`` keeps H invertible when every g_i is 0
+        (an exact fixed point) while adding nothing measurable otherwise. With lam = 0 a sample whose
+        alpha is non-finite or huge (singular H) takes e_s, a damped fixed-point step. A frozen
+        sample (``advance`` False) takes e_s too; its y_s is its old iterate. No host sync."""
+        diag_sum = torch.sum(self.gram_diag, dim=1, keepdim=True)  # (mean is 3x the time of sum here)
+        if lam > 0:
+            diag_sum.add_(floor)
+        H = torch.addcmul(self.gram, diag_sum.unsqueeze(2), self.eye, value=lam / self.n)
         beta = torch.linalg.solve_ex(H, self.ones)[0].squeeze(2)
-        total = beta.sum(dim=1, keepdim=True)
-        alpha = beta / total
-        if lam > 0:  # H is SPD, so 1^T H^-1 1 > 0 and ||alpha||^2 <= (m + lam) / lam: only a non-finite solve fails
-            ok = total.abs() < math.inf  # (isfinite is four ops)
-        else:
-            ok = torch.linalg.vector_norm(alpha, float("inf"), dim=1, keepdim=True) <= ALPHA_LIMIT
+        alpha = beta / beta.sum(dim=1, keepdim=True)
+        if lam > 0:
+            return torch.where(advance, alpha, self.fallback)
+        ok = torch.linalg.vector_norm(alpha, float("inf"), dim=1, keepdim=True) <= ALPHA_LIMIT
         return torch.where(ok & advance, alpha, self.fallback)
 
 
@@ -67,6 +73,9 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     B, N = z0.shape
     dtype, m = z0.dtype, min(m, max_iter)
     work = torch.float64 if dtype == torch.float64 else torch.float32
+    # added to sum(diag G G^T) when lam > 0: with every g_i = 0, H = lam floor / n I and 1^T H^-1 1 =
+    # n^2 / (lam floor) stays below the largest float
+    floor = max(4.0 * m * m / (lam * torch.finfo(work).max), torch.finfo(work).tiny) if lam > 0 else 0.0
     G = z0.new_empty(B, m, N)  # ring buffer of g_i
     Y = z0.new_empty(B, m, N)  # ring buffer of y_i = z_i + tau g_i
     gram = torch.zeros(B, m, m, dtype=work, device=z0.device)
@@ -98,7 +107,7 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         if w.n == 1:
             out.copy_(w.y)
         else:
-            alpha = w.weights(lam, advance)
+            alpha = w.weights(lam, floor, advance)
             torch.bmm((alpha if dtype == work else alpha.to(dtype)).unsqueeze(1), w.Y, out=outs[k % 2])
         z = out
         mon.record(k, z)
