@@ -1,6 +1,7 @@
 """Print the README's results summary from results/*/table.json (the figures are never typed by hand).
 
-Runs in ``results/<task>/`` get their full table; the comparison runs beside them
+Runs in ``results/<task>/`` get their full table, the retention and latency figures and a line
+that sets C-DEQ against each comparison of the pipeline issue NFE by NFE; the comparison runs beside them
 (``<task>-long``: 4x the distillation, HyperDEQ and direct steps; ``<task>-rw1``: the rollout term
 weighted 1 instead of 10; ``<task>-zeros``: also the paper's z_0 = 0 for the students;
 ``<task>-mlp``: a two-layer learned z_0, rollout weight 1) get one line per method that differs
@@ -55,11 +56,36 @@ def main_run(path: Path) -> None:
     if t.get("latency"):
         print("C-DEQ time / (injection + k bare layer calls + readout), timed alternately: "
               + ", ".join(f"NFE {k}: {v['ratio']:.2f}x" for k, v in t["latency"].items()) + ".")
+    print(target_line(t, value, nfes))
     for variant in VARIANTS:
         other = path.parent.parent / (path.parent.name + variant) / "table.json"
         if other.exists():
             variant_lines(other, value)
     print()
+
+
+def target_line(t: dict, value: dict, nfes: list[int]) -> str:
+    """C-DEQ against each comparison of the pipeline issue, NFE by NFE (ahead / level / behind)."""
+    acc = t["metric"] == "accuracy"
+    show = (lambda v: f"{v * 100:.2f}") if acc else (lambda v: f"{v:.2f}")
+
+    def versus(other: str, ks: list[int], label: str = "") -> str:
+        ks = [k for k in ks if (other, k) in value]
+        mine = {k: value[("cdeq", k)] for k in ks}
+        ahead = [k for k in ks if (mine[k] > value[(other, k)]) == acc and mine[k] != value[(other, k)]]
+        level = [k for k in ks if mine[k] == value[(other, k)]]
+        behind = [f"{k} ({show(mine[k])} vs {show(value[(other, k)])})" for k in ks if k not in ahead + level]
+        return f"{other}{label} " + "; ".join(f"{word} at NFE {', '.join(map(str, cells))}" for word, cells in
+                                              (("ahead", ahead), ("level", level), ("behind", behind)) if cells)
+    cdeq = [value[("cdeq", k)] for k in nfes]
+    falls = [f"{a}->{b}" for a, b, va, vb in zip(nfes, nfes[1:], cdeq, cdeq[1:]) if (vb < va) == acc and va != vb]
+    parts = [versus(m, nfes) for m in ("teacher-anderson", "hyperdeq", "direct")]
+    parts.append(versus("cdeq-plain", [k for k in nfes if k >= 2], " (NFE >= 2)"))
+    parts.append("quality rises or holds with NFE" if not falls else f"quality falls at NFE {', '.join(falls)}")
+    if t.get("latency"):
+        slow = [k for k, v in t["latency"].items() if v["ratio"] > 1.15]
+        parts.append("latency <= 1.15x " + ("at every NFE" if not slow else f"missed at NFE {', '.join(slow)}"))
+    return "Targets, C-DEQ against " + " · ".join(parts) + "."
 
 
 def variant_lines(path: Path, main_value: dict) -> None:
