@@ -5,19 +5,23 @@ that sets C-DEQ against each comparison of the pipeline issue NFE by NFE; the co
 (``<task>-long``: 4x the distillation, HyperDEQ and direct steps; ``<task>-rw1``: the rollout term
 weighted 1 instead of 10; ``<task>-zeros``: also the paper's z_0 = 0 for the students;
 ``<task>-mlp``: a two-layer learned z_0, rollout weight 1) get one line per method that differs
-from the main run.
+from the main run; ``<task>-seedN`` repeats of the main command with ``--seed N`` get one line of
+means and standard deviations over all seeds.
 
 Usage: python scripts/results_summary.py
 """
 from __future__ import annotations
 
 import json
+import re
+import statistics
 from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("teacher-anderson", "hyperdeq", "direct", "cdeq-plain", "cdeq")
 VARIANTS = ("-rw1", "-zeros", "-long", "-mlp")
+SEED_RUN = re.compile(r"-seed\d+$")  # <task>-seedN: the main run's command with --seed N
 
 
 def load(path: Path) -> tuple[dict, dict, Callable[[float], str], list[int]]:
@@ -61,7 +65,30 @@ def main_run(path: Path) -> None:
         other = path.parent.parent / (path.parent.name + variant) / "table.json"
         if other.exists():
             variant_lines(other, value)
+    seeds = sorted(path.parent.parent.glob(path.parent.name + "-seed*/table.json"))
+    if seeds:
+        seed_line([path, *seeds], nfes)
     print()
+
+
+def seed_line(paths: list[Path], nfes: list[int]) -> None:
+    """Mean and standard deviation over the main run and its ``-seedN`` repeats, and of C-DEQ's
+    margin over HyperDEQ and the plain ablation (positive = C-DEQ better)."""
+    runs = [load(p) for p in paths]
+    acc = runs[0][0]["metric"] == "accuracy"
+    scale, sign = (100.0, 1.0) if acc else (1.0, -1.0)
+    seeds = ", ".join(str(r[0]["seed"]) for r in runs)
+
+    def stat(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+    cells = []
+    for m in ("hyperdeq", "cdeq-plain", "cdeq"):
+        cells.append(f"{m} " + " / ".join(stat([r[1][(m, k)] * scale for r in runs]) for k in nfes))
+    for other in ("hyperdeq", "cdeq-plain"):
+        cells.append(f"cdeq − {other} " + " / ".join(
+            stat([sign * (r[1][("cdeq", k)] - r[1][(other, k)]) * scale for r in runs]) for k in nfes))
+    print(f"- seeds {seeds} ({len(runs)} runs, every stage from scratch; mean ± sd, NFE "
+          + " / ".join(map(str, nfes)) + "): " + "; ".join(cells))
 
 
 def target_line(t: dict, value: dict, nfes: list[int]) -> str:
@@ -99,7 +126,7 @@ def variant_lines(path: Path, main_value: dict) -> None:
 
 def main() -> None:
     for path in sorted(ROOT.glob("*/table.json")):
-        if not path.parent.name.endswith(VARIANTS):
+        if not path.parent.name.endswith(VARIANTS) and not SEED_RUN.search(path.parent.name):
             main_run(path)
 
 
