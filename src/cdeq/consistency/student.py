@@ -42,8 +42,8 @@ def batch_dot(a: State, b: State) -> Tensor:
 
 
 def batch_sq_norm(a: State) -> Tensor:
-    """Per-sample squared norm ``||a_i||^2``, ``(B,)``: one read of the state (``vector_norm``, a third
-    of :func:`batch_dot`'s time on CPU, as it writes no product)."""
+    """Per-sample squared norm ``||a_i||^2``, ``(B,)``: one read of the state (``vector_norm``, about
+    half of :func:`batch_dot`'s time on CPU for B = 128, N = 6272, as it writes no product)."""
     total = None
     for p in as_tuple(a):
         s = torch.linalg.vector_norm(p.reshape(p.shape[0], -1), dim=1).square()
