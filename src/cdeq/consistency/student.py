@@ -113,9 +113,10 @@ def inference_step(z: State, hz: State, z_prev: State, h_prev: State, res_prev: 
 @functools.cache
 def fused_inference_step() -> Callable[..., tuple[State, Residual]]:
     """:func:`inference_step` compiled by ``torch.compile``: the residual, its norms, the Anderson
-    weights and both mixes in a few fused loops instead of about ten passes over the state (on CPU
-    it took the step's own arithmetic from 5.3 to 3.0 ms for an MNIST batch). The first call for a
-    shape compiles (tens of seconds on CPU; it needs a C++ compiler there, Triton on a GPU)."""
+    weights and both mixes in a few fused loops instead of about ten passes over the state. On CPU
+    the gain is small: a few percent of a whole NFE-8 call on MNIST-sized batches (see
+    ``benchmarks/student_latency.py``). The first call for a shape compiles (tens of seconds on
+    CPU; it needs a C++ compiler there, Triton on a GPU)."""
     return torch.compile(inference_step, dynamic=None)
 
 
@@ -317,8 +318,9 @@ class ConsistencyDEQ(nn.Module):
         for j, t in enumerate(times):
             hz = self.h(z, t, u)
             new = None
-            if fuse and self.fused and z_prev is not None:
+            if fuse and z_prev is not None:
                 new, res = self._fused_step(z, hz, z_prev, h_prev, res_prev, t)
+                fuse = new is not None  # it could not compile: eager from here on
             if new is None:
                 # r = h(z) - z once per step: this step's AA needs it, and the next as its previous residual
                 needs_res = self.structure == "anderson" and (z_prev is not None or j + 1 < len(times))
