@@ -36,9 +36,11 @@ def header(t: dict, name: str, fmt: Callable[[float], str], value: dict) -> str:
     acc = t["metric"] == "accuracy"
     explicit = next(v for (m, _), v in value.items() if m == "explicit")
     tc = t["teacher_converged"]
-    init = t.get("settings", {}).get("student_init", "zeros")  # runs before these settings: zeros, 1
-    rollout_weight = t.get("settings", {}).get("rollout_weight", 1.0)
-    return (f"**{t['task']}**, preset {t.get('preset', '?')}, student z_0 {init}, rollout weight {rollout_weight:g} "
+    settings = t.get("settings", {})
+    init = settings.get("student_init", "zeros")  # runs before these settings: zeros, 1, 0
+    rollout_weight, anchor_weight = settings.get("rollout_weight", 1.0), settings.get("anchor_weight", 0.0)
+    return (f"**{t['task']}**, preset {t.get('preset', '?')}, student z_0 {init}, rollout weight {rollout_weight:g}, "
+            f"anchor weight {anchor_weight:g} "
             f"({'accuracy %' if acc else 'perplexity'}; converged teacher {fmt(tc['value'])} at {tc['nfe']:.1f} NFE, "
             f"explicit {fmt(explicit)}; {t['device']}, seed {t['seed']}, commit {t['commit'][:10]}; "
             f"[table](results/{name}/table.md))")

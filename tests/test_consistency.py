@@ -13,6 +13,7 @@ from torch import nn
 
 import cdeq
 from cdeq.consistency.distill import check_state_shapes, distill, equilibrium_error, teacher_error
+from cdeq.consistency.losses import relative_error
 from cdeq.consistency.schedule import TimeSchedule
 from cdeq.consistency.student import ConsistencyDEQ, anderson_step, batch_dot, batch_sq_norm
 from cdeq.consistency.trajectories import sample_trajectories
@@ -411,3 +412,27 @@ def test_one_graph_student_runs_infer_predict_distill():
     assert "task" in result["history"][-1]
     assert student.infer(x, steps=2).shape == (1, 20, 8)
     assert student.predict(x, steps=2).shape == (1, 20, 3)
+
+
+def test_anchor_ties_the_students_fixed_point_to_the_teachers():
+    """L_anchor = d(h(z_K, t), z_K): with it, h at the teacher's fixed point stays near it at every
+    time and many inference steps end closer to z_K; without it nothing pins h there."""
+    torch.manual_seed(0)
+    teacher = ToyDEQ()
+    train = toy_trajectories(teacher, toy_batches(teacher, n=512, seed=1))
+    test = toy_trajectories(teacher, toy_batches(teacher, n=256, seed=2))
+    x, z_star = test.inputs(0, list(range(64))), test.states(0, list(range(64)), test.steps, augmented=False)
+    anchor_err, steps_err = {}, {}
+    for w in (0.0, 10.0):
+        torch.manual_seed(0)
+        student = ConsistencyDEQ(teacher)
+        distill(student, train, steps=200, lambda_task=0.0, rollout_steps=4, anchor_weight=w, progress=False,
+                eval_nfes=())
+        with torch.no_grad():
+            u = student.inject(x)
+            anchor_err[w] = max(float(relative_error(student.h(z_star, t, u), z_star).mean()) for t in (0.01, 0.5, 1.0))
+        steps_err[w] = equilibrium_error(lambda xx, k: student.infer(xx, steps=k), test, [8])[8]
+    assert anchor_err[10.0] * 2 < anchor_err[0.0], anchor_err
+    assert steps_err[10.0] < steps_err[0.0], steps_err
+    with pytest.raises(ValueError, match="anchor_weight"):
+        distill(ConsistencyDEQ(teacher), train, steps=1, anchor_weight=-1.0)

@@ -132,12 +132,15 @@ def test_invalid_table_is_rejected():
 
 
 def test_new_student_settings_leave_earlier_stage_keys_unchanged(tmp_path):
-    """student_init and rollout_weight enter the students' stage keys only away from the values they
-    had before the settings existed (zeros, 1.0), so the stages of earlier runs stay cached."""
+    """student_init, rollout_weight and anchor_weight enter the students' stage keys only away from
+    the values they had before the settings existed (zeros, 1.0, 0.0), so the stages of earlier runs
+    stay cached."""
     def run(**settings):
         return pipeline.Run(pipeline.PipelineConfig(task="cora", out=str(tmp_path), settings=settings))
 
-    old = run(student_init="zeros", rollout_weight=1.0)
-    assert "init" not in old.student_options() and "rollout_weight" not in old.distill_settings()
-    new = run()  # the defaults: a learned linear z_0, rollout weight 10
+    old = run(student_init="zeros", rollout_weight=1.0, anchor_weight=0.0)
+    assert "init" not in old.student_options()
+    assert "rollout_weight" not in old.distill_settings() and "anchor_weight" not in old.distill_settings()
+    new = run()  # the defaults: a learned linear z_0, rollout weight 10, anchor weight 10
     assert new.student_options()["init"] == "linear" and new.distill_settings()["rollout_weight"] == 10.0
+    assert new.distill_settings()["anchor_weight"] == 10.0

@@ -15,6 +15,14 @@ which k ~ U{1, K} never trains), and *self-rollout*: the student is also rolled 
 and task losses are applied to each step's output, so that it learns to refine its own earlier
 estimates and not only the teacher's states (set ``rollout_steps=0`` for Algorithm 2 alone).
 With ``rollout_weight`` w, L_global = (L_global on teacher states + w * mean over rollout steps) / (1 + w).
+
+A third change, off unless ``anchor_weight`` > 0, anchors the student's own fixed point to the
+teacher's: L_anchor = d(h(z_K, t, x), z_K) at a time t ~ U[eps, T] per item, added with that
+weight. Without it nothing ties h at z* to z*: the teacher-state terms near z* are scaled by
+c_out(t_k)^2 ~ 0 (Eq. 5), and the rollout only asks each step's output, c_skip z + c_out P, to land
+on z*. The student's iteration then settles on a point of its own (Fashion-MNIST: relative
+residual under the teacher's f stuck at 4.3e-2 from NFE 4 to 32, whatever the times); with the
+anchor (weight 10) it kept falling, to 8.5e-3 at NFE 8 (one extra network evaluation per step).
 A student with a learned initial state (``ConsistencyDEQ(init=...)``) has its own z_0 stand in for
 the cached z_0 wherever that is read (the state at k = 0, the previous states at k = 1, 2), so the
 initialiser learns through the global, local and task losses at t_0 and through the rollout.
@@ -129,6 +137,7 @@ def distill(
     rollout_steps: int = 4,
     rollout_weight: float = 10.0,
     rollout_detach: bool = False,
+    anchor_weight: float = 0.0,
     task_max_k: int = 2,
     task_loss: Optional[TaskLoss] = None,
     checkpoint_dir: Optional[str] = None,
@@ -148,8 +157,8 @@ def distill(
     k from {0..K} (else {1..K}, Algorithm 2 as printed); ``rollout_steps`` J_train of self-rollout
     (0 = off); ``rollout_weight`` its weight w (10: the student's residual after 8 steps was 14-30%
     lower than with 1 on all five benchmark tasks, results/<task>-rw1); ``rollout_detach`` cuts the
-    gradient between rollout steps; ``task_loss(logits, y)`` defaults to cross-entropy ignoring
-    -100; ``task_max_k`` the latest teacher step that gets the task loss (early times, B.4).
+    gradient between rollout steps; ``anchor_weight`` the weight of L_anchor; ``task_loss(logits, y)``
+    defaults to cross-entropy ignoring -100; ``task_max_k`` the latest teacher step that gets the task loss (early times, B.4).
     ``optim``: further :class:`cdeq.consistency.loop.OptimConfig` fields (weight_decay,
     grad_clip=1.0, lr_schedule="cosine", warmup, checkpoint_every=500, log_every=50,
     progress=True). A checkpoint is ``checkpoint_dir/distill.pt``; a rerun resumes it.
@@ -173,6 +182,8 @@ def distill(
     check_int("rollout_steps", rollout_steps, minimum=0)
     if not rollout_weight >= 0:
         raise ValueError(f"rollout_weight: expected a weight >= 0, got {rollout_weight}")
+    if not anchor_weight >= 0:
+        raise ValueError(f"anchor_weight: expected a weight >= 0, got {anchor_weight}")
     dev = prepare(student, trajectories, device)
     task_fn = task_loss or cross_entropy
     has_labels = bool(trajectories.meta["has_labels"])
@@ -234,10 +245,16 @@ def distill(
             l_global = (l_global + rollout_weight * l_roll) / (1.0 + rollout_weight)
             if has_labels and lambda_task > 0:
                 task_terms.extend(task_fn(student.readout(o), y) for o in outs)
+        if anchor_weight > 0:
+            t_a = sched.eps + torch.rand(len(rows), generator=gen) * (sched.T - sched.eps)
+            l_anchor = dist(student.h(z_star, t_a.to(dev), u), z_star)
+            logs["anchor"] = float(l_anchor.detach())
         l_task = torch.stack(task_terms).mean() if task_terms else torch.zeros((), device=dev)
         if task_terms:
             logs["task"] = float(l_task.detach())
         loss = lambda_global * l_global + (1.0 - lambda_global) * l_local + lambda_task * l_task
+        if anchor_weight > 0:
+            loss = loss + anchor_weight * l_anchor
         return loss, logs
 
     config = {"kind": "distill", "teacher_hash": trajectories.meta["teacher_hash"], "structure": student.structure,
@@ -245,7 +262,8 @@ def distill(
               "schedule": vars(sched), "steps": steps, "lr": lr, "batch_size": batch_size,
               "lambda_global": lambda_global, "lambda_task": lambda_task, "ema": ema, "distance": distance,
               "huber_delta": huber_delta, "normalize": normalize, "include_k0": include_k0, "rollout_steps": rollout_steps,
-              "rollout_weight": rollout_weight, "rollout_detach": rollout_detach, "task_max_k": task_max_k,
+              "rollout_weight": rollout_weight, "rollout_detach": rollout_detach,
+              **({"anchor_weight": anchor_weight} if anchor_weight else {}), "task_max_k": task_max_k,
               "seed": seed}
     cfg = optim_config(lr, checkpoint_dir, resume, seed, optim)
     history = run("distill", steps=steps, params=params, step_fn=step_fn, cfg=cfg,
