@@ -89,7 +89,7 @@ def seed_line(paths: list[Path], nfes: list[int]) -> None:
     for other in ("hyperdeq", "cdeq-plain"):
         cells.append(f"cdeq − {other} " + " / ".join(
             stat([sign * (r[1][("cdeq", k)] - r[1][(other, k)]) * scale for r in runs]) for k in nfes))
-    print(f"- seeds {seeds} ({len(runs)} runs, every stage from scratch; mean ± sd, NFE "
+    print(f"- seeds {seeds} ({len(runs)} runs of the same command; mean ± sd, NFE "
           + " / ".join(map(str, nfes)) + "): " + "; ".join(cells))
 
 

@@ -97,8 +97,14 @@ TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # Settings added after runs were made, with the value those runs had: a stage key holds them only
-# when they differ from it (Run._since).
+# when they differ from it (Run._since, _key_fields); the stage itself always gets the value.
 _VALUE_BEFORE: dict[str, Any] = {"student_init": "zeros", "rollout_weight": 1.0, "anchor_weight": 0.0}
+
+def _key_fields(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` less those at the value runs made before the setting existed had
+    (:data:`_VALUE_BEFORE`): the stage key they enter, so earlier runs' stages stay cached."""
+    return {k: v for k, v in settings.items() if not (k in _VALUE_BEFORE and v == _VALUE_BEFORE[k])}
+
 
 # Settings whose default is None but whose values are integers.
 _INT_SETTINGS = {"traj_batches", "traj_batch_size", "eval_batch_size", "eval_limit", "rollout_steps", "explicit_steps"}
@@ -419,11 +425,13 @@ class Run:
         return self.traj_stage.run(fn)
 
     def distill_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`cdeq.consistency.distill` (every one given, so distill's
+        own defaults never stand in for a setting)."""
         return {"steps": self.s["distill_steps"], "lr": self.s["distill_lr"], "batch_size": self.s["distill_batch_size"],
                 "lambda_global": self.s["lambda_global"], "lambda_task": self.s["lambda_task"], "ema": self.s["ema"],
                 "distance": self.s["distance"],
                 "rollout_steps": max(self.s["nfe"]) if self.s["rollout_steps"] is None else self.s["rollout_steps"],
-                **self._since("rollout_weight", "rollout_weight"), **self._since("anchor_weight", "anchor_weight")}
+                "rollout_weight": self.s["rollout_weight"], "anchor_weight": self.s["anchor_weight"]}
 
     def distill(self, structure: str, name: Optional[str] = None, **changes: Any):
         """Distil a C-DEQ student (``structure`` "anderson" or "plain"); returns (student, summary)."""
@@ -433,7 +441,7 @@ class Run:
         options = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
         stage = Stage(self.run_dir, name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
                       {"trajectories": self.traj_stage.key, "structure": structure, "seed": self.config.seed,
-                       **options, **settings})
+                       **options, **_key_fields(settings)})
         student = ConsistencyDEQ(self.teacher(), structure=structure, **options).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
