@@ -113,9 +113,9 @@ class StateLayout:
     def unflatten(self, flat: Tensor) -> State:
         """The inverse of :meth:`flatten`."""
         if not self.is_tuple:
-            return flat.reshape(self.shapes[0])
+            return flat.reshape(*self.shapes[0])  # ints: a torch.Size argument costs twice as long to parse
         chunks = torch.split(flat, list(self.sizes), dim=1)
-        return tuple(c.reshape(s) for c, s in zip(chunks, self.shapes))
+        return tuple(c.reshape(*s) for c, s in zip(chunks, self.shapes))
 
     def zeros(self) -> State:
         """A zero state of this layout."""

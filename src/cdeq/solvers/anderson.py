@@ -4,12 +4,12 @@ z_{k+1} = sum_i alpha_i (z_i + tau g_i), g_i = f(z_i) - z_i, over the last m ite
 minimises ||G alpha||^2 + lam * s * ||alpha||^2 subject to 1^T alpha = 1 (s = mean of diag(G G^T)).
 That makes alpha proportional to H^{-1} 1 with H = G G^T + lam * s * I, and bounds
 ||alpha||^2 <= (m + lam) / lam (compare the objective at alpha = e_newest), so the regulariser is
-scale-free. Ring buffers hold g_i and y_i = z_i + tau g_i;
-each step writes one slot of each, adds one row/column to the Gram matrix with one bmm, solves the
-small system batched (float32, float64 for float64 states) and mixes with one more bmm. A frozen
-sample (met tol, or diverged) gets y = z (damping weight 0, f(z) with non-finite entries zeroed)
-and alpha = e_slot, so the mix itself returns its old iterate: no masked select over the state (a
-broadcast ``where`` costs several times a ``lerp`` on CPU).
+scale-free. Ring buffers hold g_i and y_i = z_i + tau g_i; each step writes one slot of each, adds
+one row/column to the Gram matrix with one bmm, solves the small system batched (float32, float64
+for float64 states) and mixes with one more bmm. The step is computed for the whole batch and
+:meth:`~cdeq.solvers.base.Monitor.select` keeps a frozen sample's (met tol, or diverged) old
+iterate; a diverged sample's NaN stays in its own rows of the buffers. The per-step cost on the CPU
+is mostly the fixed cost of each op, so the step issues few: views are made once per solve.
 """
 from __future__ import annotations
 
@@ -28,36 +28,52 @@ from cdeq.solvers.fixed_point import check_tau
 ALPHA_LIMIT = 1e6
 
 
-class _Window:
-    """Views of the history for one (slot s, window n) pair, made once so a step issues few ops."""
+class _Slot:
+    """Views of ring-buffer slot s: where a step writes g and y and the new Gram row and column."""
 
-    def __init__(self, G: Tensor, Y: Tensor, gram: Tensor, ones: Tensor, eye: Tensor, s: int, n: int):
-        self.s, self.n = s, n
+    def __init__(self, G: Tensor, Y: Tensor, gram: Tensor, s: int) -> None:
         self.g, self.y = G[:, s], Y[:, s]
         self.g_row = self.g.unsqueeze(1)
-        self.GT, self.Y = G[:, :n].transpose(1, 2), Y[:, :n]
-        self.gram_row, self.gram_col = gram[:, s, :n], gram[:, :n, s]
-        self.gram, self.gram_diag = gram[:, :n, :n], gram[:, :n, :n].diagonal(dim1=1, dim2=2)
-        self.ones, self.eye, self.fallback = ones[:, :n], eye[:n, :n], eye[s, :n]
+        self.gram_row, self.gram_col = gram[:, s:s + 1], gram[:, :, s:s + 1].transpose(1, 2)  # (B, 1, m) each
+        self.gram_ss = gram[:, s, s]  # ||g_s||^2
 
-    def weights(self, lam: float, floor: float, advance: Tensor) -> Tensor:
-        """alpha = H^{-1} 1 / (1^T H^{-1} 1), H = G G^T + lam * (mean(diag) + floor / n) * I (Eq. 9).
 
-        With lam > 0, H is SPD with finite entries for every advancing sample (its g_i all passed
-        the divergence check), so alpha is finite; ``floor`` keeps H invertible when every g_i is 0
-        (an exact fixed point) while adding nothing measurable otherwise. With lam = 0 a sample whose
-        alpha is non-finite or huge (singular H) takes e_s, a damped fixed-point step. A frozen
-        sample (``advance`` False) takes e_s too; its y_s is its old iterate. No host sync."""
-        diag_sum = torch.sum(self.gram_diag, dim=1, keepdim=True)  # (mean is 3x the time of sum here)
+class _Span:
+    """Views of the first n slots (the window while the buffers fill, then all m) and the solve of
+    Eq. 9 for them: alpha minimises alpha^T H alpha subject to 1^T alpha = 1, with
+    H = G G^T + lam * (mean(diag) + floor / n) * I, so alpha = H^{-1} 1 / (1^T H^{-1} 1). It is solved
+    as the bordered (KKT) system [[H, 1], [1^T, 0]] [alpha; -mu] = [0; 1], which yields the
+    normalised alpha as a row directly (two ops fewer than normalising H^{-1} 1)."""
+
+    def __init__(self, Y: Tensor, gram: Tensor, diag_and_floor: Tensor, lam: float, n: int) -> None:
+        B, work, dev = gram.shape[0], gram.dtype, gram.device
+        self.n, self.Y, self.gram = n, Y[:, :n], gram[:, :n, :n]
+        self.diag_and_floor = diag_and_floor[:, :, :n + 1]  # the n diagonal entries, then the floor
+        self.eye = torch.eye(n, dtype=work, device=dev) * (lam / n)
+        self.kkt = torch.zeros(B, n + 1, n + 1, dtype=work, device=dev)
+        self.kkt[:, n, :n] = 1
+        self.kkt[:, :n, n] = 1
+        self.H = self.kkt[:, :n, :n]
+        self.rhs = torch.zeros(B, 1, n + 1, dtype=work, device=dev)
+        self.rhs[:, :, n] = 1
+
+    def weights(self, lam: float, s: int) -> Tensor:
+        """alpha, ``(B, 1, n)``. With lam > 0, H is SPD with finite entries for every healthy sample,
+        so alpha is finite; the floor keeps H invertible when every g_i is 0 (an exact fixed point)
+        while adding nothing measurable otherwise. With lam = 0 a sample whose alpha is non-finite
+        or huge (singular H) takes e_s, a damped fixed-point step. No host sync."""
         if lam > 0:
-            diag_sum.add_(floor)
-        H = torch.addcmul(self.gram, diag_sum.unsqueeze(2), self.eye, value=lam / self.n)
-        beta = torch.linalg.solve_ex(H, self.ones)[0].squeeze(2)
-        alpha = beta / beta.sum(dim=1, keepdim=True)
+            diag_sum = torch.sum(self.diag_and_floor, dim=2, keepdim=True)  # (mean is 3x the time of sum here)
+            torch.addcmul(self.gram, diag_sum, self.eye, out=self.H)
+        else:
+            self.H.copy_(self.gram)
+        alpha = torch.linalg.solve_ex(self.kkt, self.rhs, left=False)[0][:, :, :self.n]  # the row solution
         if lam > 0:
-            return torch.where(advance, alpha, self.fallback)
-        ok = torch.linalg.vector_norm(alpha, float("inf"), dim=1, keepdim=True) <= ALPHA_LIMIT
-        return torch.where(ok & advance, alpha, self.fallback)
+            return alpha
+        ok = torch.linalg.vector_norm(alpha, float("inf"), dim=2, keepdim=True) <= ALPHA_LIMIT
+        fallback = torch.zeros_like(alpha)
+        fallback[:, :, s] = 1
+        return torch.where(ok, alpha, fallback)
 
 
 def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
@@ -76,40 +92,48 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     # added to sum(diag G G^T) when lam > 0: with every g_i = 0, H = lam floor / n I and 1^T H^-1 1 =
     # n^2 / (lam floor) stays below the largest float
     floor = max(4.0 * m * m / (lam * torch.finfo(work).max), torch.finfo(work).tiny) if lam > 0 else 0.0
-    G = z0.new_empty(B, m, N)  # ring buffer of g_i
+    # G starts at 0 so that the Gram row over all m slots is finite (and unused) for slots not yet written
+    G = z0.new_zeros(B, m, N)  # ring buffer of g_i
     Y = z0.new_empty(B, m, N)  # ring buffer of y_i = z_i + tau g_i
-    gram = torch.zeros(B, m, m, dtype=work, device=z0.device)
-    ones = torch.ones(B, m, 1, dtype=work, device=z0.device)
-    eye = torch.eye(m, dtype=work, device=z0.device)
-    # step k uses slot (k-1) % m and window min(k, m): m warm-up windows, then m full ones
-    windows = [_Window(G, Y, gram, ones, eye, s, s + 1) for s in range(m)]
-    windows += [_Window(G, Y, gram, ones, eye, s, m) for s in range(m)]
-    buffers = (z0.new_empty(B, N), z0.new_empty(B, N))
-    outs = (buffers[0].unsqueeze(1), buffers[1].unsqueeze(1))
+    GT = G.transpose(1, 2)
+    # The Gram matrix G G^T, with one more entry per sample holding the floor. Its diagonal entry i
+    # sits at i (m + 1), the floor at m (m + 1): a strided view of n + 1 entries is then the n diagonal
+    # entries of a span followed by the floor, which for n < m is the diagonal entry of the unwritten
+    # slot n, set to the floor too. Summing that view adds the floor without an op of its own.
+    store = torch.zeros(B, m * m + m + 1, dtype=work, device=z0.device)
+    gram = store[:, :m * m].view(B, m, m)
+    gram.diagonal(dim1=1, dim2=2).fill_(floor)
+    store[:, -1] = floor
+    diag_and_floor = store.as_strided((B, 1, m + 1), (store.stride(0), 1, m + 1))
+    slots = [_Slot(G, Y, gram, s) for s in range(m)]
+    spans = [None] + [_Span(Y, gram, diag_and_floor, lam, n) for n in range(2, m + 1)]  # window: min(k, m) slots
+    outs = [z0.new_empty(B, N) for _ in range(2)]  # the new iterate alternates between two buffers
+    outs_row = [out.unsqueeze(1) for out in outs]
     z, k = z0, 0
     while k < max_iter:
-        w = windows[k] if k < m else windows[m + k % m]
+        slot, s = slots[k % m], k % m
         fz = f(z)
         k += 1
-        torch.sub(fz, z, out=w.g)
-        row = torch.bmm(w.g_row, w.GT).squeeze(1)  # <g_k, g_i>: one new row/column of G G^T
+        torch.sub(fz, z, out=slot.g)
+        row = torch.bmm(slot.g_row, GT)  # <g_k, g_i>: one new row/column of G G^T
         if row.dtype != work:
             row = row.to(work)
-        w.gram_row.copy_(row)
-        w.gram_col.copy_(row)
-        advance = mon.observe(k, row[:, w.s].sqrt(), vector_norm(fz) if mon.needs_rel else None)
-        # y = z + tau g, or exactly z for a frozen sample (a non-finite f(z) zeroed so 0 * it stays 0)
-        torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0, out=w.y)
-        weight = advance.to(dtype) if tau == 1 else advance.to(dtype).mul_(tau)
-        torch.lerp(z, w.y, weight, out=w.y)
-        del fz  # free f's output before the next call, so the allocator hands its block back to f
-        out = buffers[k % 2]
-        if w.n == 1:
-            out.copy_(w.y)
+        slot.gram_row.copy_(row)
+        slot.gram_col.copy_(row)
+        mon.observe(k, slot.gram_ss.sqrt(), vector_norm(fz) if mon.needs_rel else None)
+        if tau == 1:
+            slot.y.copy_(fz)
         else:
-            alpha = w.weights(lam, floor, advance)
-            torch.bmm((alpha if dtype == work else alpha.to(dtype)).unsqueeze(1), w.Y, out=outs[k % 2])
-        z = out
+            torch.lerp(z, fz, tau, out=slot.y)
+        del fz  # free f's output before the next call, so the allocator hands its block back to f
+        span = spans[min(k, m) - 1]
+        new = outs[k % 2]
+        if span is None:  # one slot in the window: z_k = y (the buffer's copy: the slot is rewritten next)
+            new.copy_(slot.y)
+        else:
+            alpha = span.weights(lam, s)
+            torch.bmm(alpha if dtype == work else alpha.to(dtype), span.Y, out=outs_row[k % 2])
+        z = mon.select(new, z)
         mon.record(k, z)
         if mon.done():
             break

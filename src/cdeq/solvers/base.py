@@ -53,6 +53,7 @@ class SolverInfo:
 
 
 _REGISTRY: dict[str, Callable[..., tuple[Tensor, SolverInfo]]] = {}
+_OPTIONS: dict[str, Optional[list[str]]] = {}  # each solver's option names, read once at registration
 
 
 def _option_names(fn: Callable) -> Optional[list[str]]:
@@ -83,6 +84,7 @@ def register_solver(name: str, fn: Callable[..., tuple[Tensor, SolverInfo]], *, 
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"register_solver: a solver named {name!r} exists; pass overwrite=True to replace it")
     _REGISTRY[name] = fn
+    _OPTIONS[name] = _option_names(fn)
 
 
 def available_solvers() -> list[str]:
@@ -94,8 +96,7 @@ def _check_arguments(solver: str, max_iter: int, tol: float, stop_mode: str, ret
                      trace: bool, options: dict) -> tuple[Callable, ReturnStates]:
     if solver not in _REGISTRY:
         raise ValueError(f"solver: unknown solver {solver!r}; valid solvers: {available_solvers()}")
-    fn = _REGISTRY[solver]
-    valid = _option_names(fn)
+    fn, valid = _REGISTRY[solver], _OPTIONS[solver]
     unknown = sorted(set(options) - set(valid)) if valid is not None else []
     if unknown:
         raise ValueError(f"solver {solver!r}: unknown option(s) {unknown}; valid options: {valid}")
@@ -185,14 +186,20 @@ def vector_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host is free: on the CPU it waits for no device."""
+    return device.type == "cpu"
+
+
 class Monitor:
     """Per-sample stopping, divergence, trace and kept states of one solve (shared by all solvers).
 
-    A solver calls :meth:`observe` after the k-th call of ``f`` with the residual of z_{k-1}; it
-    gets back the ``(B, 1)`` mask of samples whose iterate may advance to z_k (the others are
-    frozen at z_{k-1}: it met tol, or diverged, now or before), then calls :meth:`record` with
-    z_k and stops when :meth:`done` says so. A handful of tiny ops per step, no host sync when
-    tol = 0; ``steps`` and ``diverged`` are derived once in :meth:`finish`.
+    Each step a solver calls :meth:`observe` after the k-th call of ``f`` with the residual of
+    z_{k-1} and gets the ``(B, 1)`` mask of samples whose iterate may advance to z_k (the others
+    are frozen at z_{k-1}: it met tol, or diverged, now or before); it computes the step for the
+    whole batch, lets :meth:`select` keep the frozen samples' old iterates, calls :meth:`record`
+    with z_k and stops when :meth:`done` says so. A handful of tiny ops per step; ``steps`` and
+    ``diverged`` are derived once in :meth:`finish`.
     """
 
     def __init__(self, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str,
@@ -209,9 +216,15 @@ class Monitor:
         self.states: dict[int, Tensor] = {}
         self.limit: Optional[Tensor] = None
         # tol = 0 (a fixed budget): no sample can meet tol, so neither the relative residual (unless
-        # traced) nor the per-sample count of steps (steps = nfe) is needed; only divergence freezes.
+        # traced) nor the per-sample count of steps (steps = nfe) is needed; only divergence freezes,
+        # and then active == healthy.
         self.fixed_budget = tol == 0
         self.needs_rel = trace or not (self.stop_abs or self.fixed_budget)
+        self.advance = (self.healthy if self.fixed_budget else self.active).unsqueeze(1)  # a view: kept current
+        # Asking whether every sample advances is free on the CPU, and with tol > 0 done() needs the
+        # answer anyway; only a fixed budget on an accelerator must not ask (it may run in a CUDA graph).
+        self.may_ask = host_reads_are_free(dev) or not self.fixed_budget
+        self.none_advance = False
         self.record(0, z0)
 
     def observe(self, k: int, abs_r: Tensor, fz_norm: Optional[Tensor]) -> Tensor:
@@ -223,14 +236,23 @@ class Monitor:
         if self.limit is None:  # residual above this (or NaN) = diverged; none if r0 = 0 or non-finite
             big = torch.finfo(abs_r.dtype).max
             self.limit = torch.where(abs_r > 0, DIVERGENCE_RATIO * abs_r, big).clamp(max=big)
-        ok = abs_r <= self.limit
-        self.healthy &= ok
-        if self.fixed_budget:  # active == healthy
-            return self.healthy.unsqueeze(1)
-        self.count += self.active
-        self.active &= ok
-        self.active &= (abs_r if self.stop_abs else rel) > self.tol
-        return self.active.unsqueeze(1)
+        self.healthy &= abs_r <= self.limit
+        if not self.fixed_budget:
+            self.count += self.active
+            self.active &= self.healthy
+            self.active &= (abs_r if self.stop_abs else rel) > self.tol
+        return self.advance
+
+    def select(self, new: Tensor, old: Tensor) -> Tensor:
+        """z_k: ``new`` for the samples that advance this step, ``old`` for the frozen ones.
+
+        The step is computed for the whole batch (a frozen sample's may be garbage, even NaN);
+        when the host may be asked and every sample advances, ``new`` is returned as it is."""
+        if self.may_ask:
+            if bool(self.advance.all()):
+                return new
+            self.none_advance = not bool(self.advance.any())
+        return torch.where(self.advance, new, old)
 
     def record(self, k: int, z: Tensor) -> None:
         """Keep z_k if it was asked for."""
@@ -238,8 +260,8 @@ class Monitor:
             self.states[k] = z.clone()
 
     def done(self) -> bool:
-        """True once every sample is frozen; only asks the device when tol > 0."""
-        return self.tol > 0 and not bool(self.active.any())
+        """True once every sample is frozen (tol > 0 only; :meth:`select` asked)."""
+        return self.tol > 0 and self.none_advance
 
     def finish(self, z: Tensor, nfe: int) -> SolverInfo:
         """The solver's part of :class:`SolverInfo` (residual fields are filled by :func:`solve`)."""

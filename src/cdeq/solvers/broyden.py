@@ -38,7 +38,7 @@ def broyden(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str,
         fz = f(z.to(dtype)).to(work)
         k += 1
         g = fz - z
-        advance = mon.observe(k, vector_norm(g), vector_norm(fz) if mon.needs_rel else None)
+        mon.observe(k, vector_norm(g), vector_norm(fz) if mon.needs_rel else None)
         del fz  # free f's output before the next call, so the allocator hands its block back to f
         if g_prev is not None:
             if j == m:
@@ -51,7 +51,7 @@ def broyden(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str,
             U[:, s] = torch.where(ok, (dz - Bdg) / torch.where(ok, den, 1), 0)
             V[:, s] = torch.where(ok, _low_rank(V[:, :j], U[:, :j], dz) - dz, 0)
             j += 1
-        z_new = torch.where(advance, z + g - _low_rank(U[:, :j], V[:, :j], g), z)
+        z_new = mon.select(z + g - _low_rank(U[:, :j], V[:, :j], g), z)
         dz, g_prev, z = z_new - z, g, z_new
         mon.record(k, z.to(dtype))
         if mon.done():

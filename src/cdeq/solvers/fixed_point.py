@@ -22,11 +22,9 @@ def fixed_point(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: 
     while k < max_iter:
         fz = f(z)
         k += 1
-        g = fz - z
-        advance = mon.observe(k, vector_norm(g), vector_norm(fz) if mon.needs_rel else None)
-        # weight 0 keeps a frozen sample exactly (non-finite entries of f(z) zeroed so 0 * them stays 0)
-        z = torch.lerp(z, fz.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), advance.to(z.dtype) * tau)
-        del fz, g  # free f's output before the next call, so the allocator hands its block back to f
+        mon.observe(k, vector_norm(fz - z), vector_norm(fz) if mon.needs_rel else None)
+        z = mon.select(fz if tau == 1 else torch.lerp(z, fz, tau), z)
+        del fz  # free f's output before the next call, so the allocator hands its block back to f
         mon.record(k, z)
         if mon.done():
             break
