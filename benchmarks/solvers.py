@@ -183,17 +183,16 @@ def solver_rows(name: str, f: Callable, z0: Tensor, z_star: Tensor, device: torc
             row["max_diff_to_ref"] = (run(f, z0, cap, SAME_TOL) - z_star).abs().max().item()
         rows.append(row)
     times, calls = solve_times(f, z0, runs, device, repeats)
-    t_f, t_f_min = statistics.median(times["f"]), min(times["f"])
     for row in rows:
         key = (row["library"], row["solver"])
-        t = statistics.median(times[key])
+        t, t_f = statistics.median(times[key]), statistics.median(times["f", key])
         row["f_ms"] = 1e3 * t_f
         row["solve32_ms"] = 1e3 * t
         row["f_calls_in_solve32"] = calls[key]
         row["overhead"] = 1 - calls[key] * t_f / t
         row["per_step_ms"] = per_step_ms(times, key, calls[key])
         # the same from the fastest repeats: far less sensitive to other processes' load
-        row["per_step_ms_min"] = 1e3 * (min(times[key]) - calls[key] * t_f_min) / 32
+        row["per_step_ms_min"] = 1e3 * (min(times[key]) - calls[key] * min(times["f", key])) / 32
     # Solver-only cost: f replaced by a cheap map of the same shape (z/2 + c, a few microseconds per
     # call), free of the subtraction error of a millisecond-scale f whose time drifts between runs.
     c = torch.randn_like(z0)
@@ -206,27 +205,29 @@ def solver_rows(name: str, f: Callable, z0: Tensor, z_star: Tensor, device: torc
 
 def per_step_ms(times: dict, key: tuple, f_calls: int) -> float:
     """(32-NFE solve time - f_calls bare f calls) / 32 in ms, median over rounds of the difference
-    within a round: the solve and the bare calls ran back to back, so load changes between rounds cancel."""
-    return 1e3 * statistics.median((ts - f_calls * tf) / 32 for ts, tf in zip(times[key], times["f"]))
+    within a pair: the bare calls ran just before the solve, so drifts of f's time cancel."""
+    return 1e3 * statistics.median((ts - f_calls * tf) / 32 for ts, tf in zip(times[key], times["f", key]))
 
 
 def solve_times(f: Callable, z0: Tensor, runs: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
-    """Seconds of 32 bare calls of f (per call, key "f") and of each solver's 32-NFE solve, over
-    ``repeats`` rounds after two warm-up rounds, interleaved round by round so that load changes hit
-    all alike; and the calls of f each solve made."""
-    times: dict = {"f": []}
+    """Seconds of each solver's 32-NFE solve (key: the solver's) and of 32 bare calls of f made just
+    before it (per call, key ("f", solver's key)), over ``repeats`` rounds after two warm-up rounds;
+    and the calls of f each solve made. Each round runs every solver once, starting one solver later
+    than the round before, so that neither a position in the round nor a load change favours one."""
+    times: dict = {}
     calls = {}
+    keys = list(runs)
     with torch.no_grad():
         for rep in range(repeats + 2):
-            t = timed(lambda: bare_calls(f, z0, 32), device) / 32
-            if rep >= 2:
-                times["f"].append(t)
-            for key, run in runs.items():
+            for i in range(len(keys)):
+                key = keys[(rep + i) % len(keys)]
+                t_f = timed(lambda: bare_calls(f, z0, 32), device) / 32
                 cf = Counted(f)
-                t = timed(lambda: run(cf, z0, 32, 0.0), device)
+                t = timed(lambda: runs[key](cf, z0, 32, 0.0), device)
                 calls[key] = cf.calls
                 if rep >= 2:
                     times.setdefault(key, []).append(t)
+                    times.setdefault(("f", key), []).append(t_f)
     return times, calls
 
 
@@ -283,7 +284,8 @@ def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> s
              f"allocator thresholds: {meta.get('malloc', 'glibc default')}", "",
              "Residual = mean relative residual ||f(z)-z||/||f(z)|| of the returned z after k NFE. "
              "Per-step cost = (32-NFE solve time − its f calls × f time) / 32, median over rounds of the "
-             "difference within a round; cdeq's solve makes one extra "
+             "difference within a pair (32 bare f calls timed just before each solve; f ms is their median); "
+             "cdeq's solve makes one extra "
              "check call of f (counted in the f calls, not in NFE). max abs(z − z*): the largest entry of the "
              f"difference between the state a solve to relative tolerance {SAME_TOL:g} returns (capped at `--cap` NFE) "
              "and the layer's fixed point computed in float64.", "",
