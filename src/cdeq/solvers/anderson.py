@@ -89,8 +89,8 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     B, N = z0.shape
     dtype, m = z0.dtype, min(m, max_iter)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    # added to sum(diag G G^T) when lam > 0: with every g_i = 0, H = lam floor / n I and 1^T H^-1 1 =
-    # n^2 / (lam floor) stays below the largest float
+    # added to sum(diag G G^T) when lam > 0: with every g_i = 0, H = lam floor / n I keeps the bordered
+    # system nonsingular (alpha = 1 / n), and n / (lam floor), the size of H^-1, stays below the largest float
     floor = max(4.0 * m * m / (lam * torch.finfo(work).max), torch.finfo(work).tiny) if lam > 0 else 0.0
     # G starts at 0 so that the Gram row over all m slots is finite (and unused) for slots not yet written
     G = z0.new_zeros(B, m, N)  # ring buffer of g_i
