@@ -211,7 +211,7 @@ def test_low_precision_states(solver, dtype, tol):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_fixed_budget_makes_no_host_sync(solver, monkeypatch):
     """On an accelerator (simulated: host reads declared costly) a fixed budget never reads a tensor on
-    the host; the CPU reads one count per step, since that is free there."""
+    the host; the CPU reads one flag per step, since that is free there."""
     f = tanh_problem()
     z0 = torch.zeros(3, 30, dtype=torch.float64)
     on_cpu, _ = FLAT[solver](f, z0, tol=0.0, max_iter=8, stop_mode="rel", return_states=None, trace=True)

@@ -47,9 +47,10 @@ class _Span:
 
     def __init__(self, Y: Tensor, gram: Tensor, diag_and_floor: Tensor, lam: float, n: int) -> None:
         B, work, dev = gram.shape[0], gram.dtype, gram.device
-        self.n, self.Y, self.gram = n, Y[:, :n], gram[:, :n, :n]
+        self.n, self.lam, self.Y, self.gram = n, lam, Y[:, :n], gram[:, :n, :n]
         self.diag_and_floor = diag_and_floor[:, :, :n + 1]  # the n diagonal entries, then the floor
-        self.eye = torch.eye(n, dtype=work, device=dev) * (lam / n)
+        self.unit = torch.eye(n, dtype=work, device=dev)  # row s: e_s, the fallback weights when lam = 0
+        self.eye = self.unit * (lam / n)
         self.kkt = torch.zeros(B, n + 1, n + 1, dtype=work, device=dev)
         self.kkt[:, n, :n] = 1
         self.kkt[:, :n, n] = 1
@@ -57,23 +58,21 @@ class _Span:
         self.rhs = torch.zeros(B, 1, n + 1, dtype=work, device=dev)
         self.rhs[:, :, n] = 1
 
-    def weights(self, lam: float, s: int) -> Tensor:
+    def weights(self, s: int) -> Tensor:
         """alpha, ``(B, 1, n)``. With lam > 0, H is SPD with finite entries for every healthy sample,
         so alpha is finite; the floor keeps H invertible when every g_i is 0 (an exact fixed point)
         while adding nothing measurable otherwise. With lam = 0 a sample whose alpha is non-finite
         or huge (singular H) takes e_s, a damped fixed-point step. No host sync."""
-        if lam > 0:
+        if self.lam > 0:
             diag_sum = torch.sum(self.diag_and_floor, dim=2, keepdim=True)  # (mean is 3x the time of sum here)
             torch.addcmul(self.gram, diag_sum, self.eye, out=self.H)
         else:
             self.H.copy_(self.gram)
         alpha = torch.linalg.solve_ex(self.kkt, self.rhs, left=False)[0][:, :, :self.n]  # the row solution
-        if lam > 0:
+        if self.lam > 0:
             return alpha
         ok = torch.linalg.vector_norm(alpha, float("inf"), dim=2, keepdim=True) <= ALPHA_LIMIT
-        fallback = torch.zeros_like(alpha)
-        fallback[:, :, s] = 1
-        return torch.where(ok, alpha, fallback)
+        return torch.where(ok, alpha, self.unit[s])
 
 
 def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
@@ -111,7 +110,8 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     outs_row = [out.unsqueeze(1) for out in outs]
     z, k = z0, 0
     while k < max_iter:
-        slot, s = slots[k % m], k % m
+        s = k % m
+        slot = slots[s]
         fz = f(z)
         k += 1
         torch.sub(fz, z, out=slot.g)
@@ -131,7 +131,7 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         if span is None:  # one slot in the window: z_k = y (the buffer's copy: the slot is rewritten next)
             new.copy_(slot.y)
         else:
-            alpha = span.weights(lam, s)
+            alpha = span.weights(s)
             torch.bmm(alpha if dtype == work else alpha.to(dtype), span.Y, out=outs_row[k % 2])
         z = mon.select(new, z)
         mon.record(k, z)
