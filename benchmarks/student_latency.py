@@ -3,7 +3,7 @@
 For each task: the teacher of the task's preset with its initial weights (time does not depend on
 them), the C-DEQ student with the pipeline's default options and the first test batch. The time of
 ``student.predict`` at NFE k is set against the injection, k bare calls of the teacher's layer and
-the readout, alternately (:func:`cdeq.pipeline.student_latency`, what ``cdeq run`` puts in
+the readout, alternately (:func:`cdeq.measure.student_latency`, what ``cdeq run`` puts in
 ``table.json``), so this measures the pipeline's latency target without training anything. The
 per-step columns are the differences between the largest and the smallest budget, over their NFE:
 the student's step (its call of f', the W projection of Eq. 8, the residual, the Anderson step of
@@ -25,7 +25,8 @@ import torch
 from cdeq import tasks
 from cdeq.consistency import ConsistencyDEQ
 from cdeq.io import atomic_write_json, atomic_write_text
-from cdeq.pipeline import DEFAULTS, device_name, git_commit, student_latency
+from cdeq.measure import device_name, git_commit, student_latency
+from cdeq.pipeline import DEFAULTS
 from cdeq.runtime import tune_cpu_allocator
 from cdeq.state import to_device
 

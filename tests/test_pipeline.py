@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cdeq import pipeline
+from cdeq.pipeline import settings
 from cdeq.report import METHODS, validate_table, write_report
 
 cora_present = pytest.mark.skipif(
@@ -107,7 +108,7 @@ def test_set_values_are_parsed_by_type():
 
 
 def test_set_integer_settings_with_none_default():
-    parse = pipeline._parse_value
+    parse = settings._parse_value
     assert parse("explicit_steps", "200", None) == 200 and parse("eval_limit", "none", None) is None
     assert parse("beta", "0.5", None) == 0.5 and parse("teacher_from", "runs/x", None) == "runs/x"
     assert parse("nfe", "1,2,4", (1, 2)) == (1, 2, 4)
@@ -140,11 +141,11 @@ def test_new_student_settings_leave_earlier_stage_keys_unchanged(tmp_path):
 
     old = run(student_init="zeros", rollout_weight=1.0, anchor_weight=0.0)
     assert "init" not in old.student_options()
-    key = pipeline._key_fields(old.distill_settings())
+    key = settings.key_fields(old.distill_settings())
     assert "rollout_weight" not in key and "anchor_weight" not in key
     # distill itself still gets the values (its own defaults are 10 for both)
     assert old.distill_settings()["rollout_weight"] == 1.0 and old.distill_settings()["anchor_weight"] == 0.0
     new = run()  # the defaults: a learned linear z_0, rollout weight 10, anchor weight 10
     assert new.student_options()["init"] == "linear"
-    key = pipeline._key_fields(new.distill_settings())
+    key = settings.key_fields(new.distill_settings())
     assert key["rollout_weight"] == 10.0 and key["anchor_weight"] == 10.0

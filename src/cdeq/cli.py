@@ -16,7 +16,7 @@ TASKS = ("cora", "citeseer", "fashion-mnist", "mnist", "gutenberg")
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     from cdeq.config import add_deq_args
-    from cdeq.pipeline import PRESETS
+    from cdeq.pipeline.settings import PRESETS
 
     parser.add_argument("task", choices=TASKS, help="the real task to run")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),

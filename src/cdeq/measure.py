@@ -1,11 +1,19 @@
-"""Wall time and peak memory of one inference call, measured the same way for every method."""
+"""Wall time and peak memory of one inference call, measured the same way for every method, and
+where a figure was measured (device, commit)."""
 from __future__ import annotations
 
+import platform
 import statistics
+import subprocess
 import time
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from cdeq.consistency import ConsistencyDEQ
 
 
 def _sync(device: torch.device) -> None:
@@ -74,3 +82,56 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
             current += event.self_cpu_memory_usage
             peak = max(peak, current)
         return peak / 2**20
+
+
+def git_commit() -> str:
+    """The commit of the cdeq checkout this runs from (``-dirty`` with uncommitted changes)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """A human description of the device the run used."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+
+
+LATENCY_RATIO = "median of per-round ratios"  # how table.json's latency ratio is formed (earlier: ratio of medians)
+
+
+def student_latency(student: ConsistencyDEQ, teacher: Any, x: Any, budgets: list[int], device: torch.device,
+                    repeats: int = 21) -> dict[str, dict[str, float]]:
+    """C-DEQ's time per batch at NFE=k against its floor: the injection, k bare calls of the
+    teacher's layer and the readout, on the same batch ``x``. Every budget of both is timed in each
+    round; ``cdeq_ms``/``bare_ms`` are medians over rounds, ``ratio`` the median of the ratios within
+    a round (steady under load from other processes, which changes between rounds)."""
+    def bare(k: int) -> Tensor:
+        u = teacher.inject(x)
+        z = teacher.init_state(u)
+        for _ in range(k):
+            z = teacher.layer(z, u)
+        return teacher.readout(z)
+    fns: dict[str, Callable[[], object]] = {}
+    for k in budgets:
+        fns[f"cdeq{k}"] = lambda k=k: student.predict(x, steps=k)
+        fns[f"bare{k}"] = lambda k=k: bare(k)
+    times = time_rounds_ms(fns, device, warmup=3, repeats=repeats)
+    return {str(k): {"cdeq_ms": statistics.median(times[f"cdeq{k}"]), "bare_ms": statistics.median(times[f"bare{k}"]),
+                     "ratio": statistics.median(c / b for c, b in zip(times[f"cdeq{k}"], times[f"bare{k}"]))}
+            for k in budgets}
+

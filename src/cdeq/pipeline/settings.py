@@ -1,0 +1,182 @@
+"""What a ``cdeq run`` depends on: every setting with its default, the presets, what each task
+changes, and :class:`PipelineConfig`, which resolves them and rejects unknown names and values."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+# Settings of every stage; presets change some, `--set key=value` any.
+DEFAULTS: dict[str, Any] = {
+    "teacher_preset": "cpu",       # the task's training recipe (tiny | cpu | gpu)
+    "teacher_from": None,          # a finished teacher run (`python -m cdeq.tasks.train`) to load instead
+    "explicit_from": None,         # likewise for the explicit baseline
+    "explicit_steps": None,        # training steps of the explicit baseline (None: the task recipe's)
+    "traj_steps": 30,              # K: Anderson steps of the teacher trajectory
+    "traj_batches": None,          # training batches to sample trajectories on (None: all)
+    "traj_batch_size": None,       # None: the task's batch size
+    "traj_dtype": "float16",       # storage dtype of the states
+    "p_aug": 0.0,                  # Eq. 13 augmentation probability
+    "anderson_m": 5,               # the teacher's Anderson window (trajectories and teacher rows)
+    "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
+    "student_init": "linear",      # where the students start: a learned z_0(u), "linear" or "mlp" (zero-initialised),
+                                   # or "zeros", the teacher's z_0 as in the paper (MNIST, NFE 1: 98.7% vs 97.1%)
+    "distill_steps": 2000, "distill_batch_size": 64, "distill_lr": 1e-3,
+    "lambda_global": 0.8, "lambda_task": 0.05, "ema": 0.999, "distance": "mse",
+    "rollout_steps": None,         # self-rollout steps in distillation (None: the largest NFE evaluated,
+                                   # so the student trains on every state inference visits; 0: Algorithm 2)
+    "rollout_weight": 10.0,        # weight of the rollout term against the teacher-state term of L_global
+                                   # (1 -> 10, Cora: C-DEQ 82.3 / 82.4 / 82.6 / 83.1 -> 82.6 / 82.8 / 83.2 / 83.4)
+    "anchor_weight": 10.0,         # weight of L_anchor = d(h(z*, t), z*), which ties the students' own fixed point
+                                   # to the teacher's (0 -> 10, Fashion-MNIST residual at NFE 8: 4.3e-2 -> 8.6e-3)
+    "hyper_steps": 1000, "direct_steps": 1000,
+    "nfe": (1, 2, 4, 8),           # budgets of every method
+    "teacher_nfe": (16, 32),       # extra budgets of the teacher rows
+    "eval_batch_size": None,       # None: the task's batch size
+    "eval_limit": None,            # test batches to evaluate (None: all)
+    "time_repeats": 5,
+    "fused_inference": True,       # C-DEQ's no-grad Anderson step compiled into fused loops (torch.compile;
+                                   # ConsistencyDEQ.fused); eager when it cannot compile
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"teacher_preset": "tiny", "traj_steps": 6, "traj_batches": 2, "traj_batch_size": 8,
+             "distill_steps": 6, "distill_batch_size": 4, "hyper_steps": 4, "direct_steps": 4,
+             "nfe": (1, 2), "teacher_nfe": (4,), "eval_limit": 2, "eval_batch_size": 8, "time_repeats": 1,
+             "fused_inference": False},
+    "small": {"distill_steps": 300, "hyper_steps": 200, "direct_steps": 200},
+    "cpu": {},
+    "gpu": {"teacher_preset": "gpu", "distill_steps": 6000, "hyper_steps": 3000, "direct_steps": 3000},
+}
+
+# MDEQ and the DEQ transformer cost far more per call than IGNN: on 2 CPU cores the trajectory
+# set, the training lengths and the evaluated test batches are cut so a run fits in an hour.
+_MDEQ_SETTINGS: dict[str, dict[str, Any]] = {
+    "*": {"traj_batches": 16, "distill_batch_size": 32},
+    "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 20, "explicit_steps": 300},
+    "gpu": {"traj_batches": 200, "distill_batch_size": 128},
+}
+
+# Per task: what differs from DEQ to DEQ (one graph is one sample; images and text have many).
+TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "cora": {"*": {"distill_batch_size": 1, "traj_steps": 30},
+             "cpu": {"distill_steps": 800, "hyper_steps": 400, "direct_steps": 400}},
+    "citeseer": {"*": {"distill_batch_size": 1, "traj_steps": 30},
+                 "cpu": {"distill_steps": 800, "hyper_steps": 400, "direct_steps": 400}},
+    "fashion-mnist": _MDEQ_SETTINGS,
+    "mnist": _MDEQ_SETTINGS,
+    "gutenberg": {"*": {"traj_batches": 64, "distill_batch_size": 16},
+                  # lambda_task 0: the 10k-word LM head in the task loss made a distillation step 4x slower
+                  "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 40,
+                          "lambda_task": 0.0},
+                  "gpu": {"traj_batches": 400, "distill_batch_size": 64}},
+}
+
+
+# Settings added after runs were made, with the value those runs had: a stage key holds them only
+# when they differ from it (Run._since, key_fields); the stage itself always gets the value.
+VALUE_BEFORE: dict[str, Any] = {"student_init": "zeros", "rollout_weight": 1.0, "anchor_weight": 0.0}
+
+
+def key_fields(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` less those at the value runs made before the setting existed had
+    (:data:`VALUE_BEFORE`): the stage key they enter, so earlier runs' stages stay cached."""
+    return {k: v for k, v in settings.items() if not (k in VALUE_BEFORE and v == VALUE_BEFORE[k])}
+
+
+# Settings whose default is None but whose values are integers.
+_INT_SETTINGS = {"traj_batches", "traj_batch_size", "eval_batch_size", "eval_limit", "rollout_steps", "explicit_steps"}
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    """``text`` read as the type of ``default`` (tuples are comma-separated ints)."""
+    if text.lower() == "none":
+        return None
+    try:
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in text.split(","))
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if isinstance(default, int) or key in _INT_SETTINGS:
+            return int(text)
+        if isinstance(default, float) or key == "beta":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--set {key}: expected a value like {default!r}, got {text!r}") from None
+    return text
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Everything one run depends on. ``settings`` holds :data:`DEFAULTS` after the preset, the
+    task's adjustments and the overrides; ``deq`` the teacher's DEQ options set on the command line."""
+
+    task: str
+    preset: str = "cpu"
+    device: str = "cpu"
+    seed: int = 0
+    out: Optional[str] = None
+    command: str = ""
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    deq: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
+        unknown = sorted(set(self.settings) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"settings: unknown {unknown}; valid settings: {sorted(DEFAULTS)}")
+        task_adjust = TASK_SETTINGS.get(self.task, {})
+        resolved = {**DEFAULTS, **PRESETS[self.preset], **task_adjust.get("*", {}),
+                    **task_adjust.get(self.preset, {}), **self.settings}
+        if self.preset == "tiny":  # the smoke test keeps its own sizes whatever the task says
+            resolved.update({k: v for k, v in PRESETS["tiny"].items() if k not in self.settings})
+            resolved.update({k: v for k, v in task_adjust.get("*", {}).items() if k.endswith("batch_size")})
+        self.settings = resolved
+        from cdeq.consistency.student import INITS
+
+        if resolved["student_init"] not in INITS:
+            raise ValueError(f"student_init: expected one of {INITS}, got {resolved['student_init']!r}")
+        if self.out is None:
+            self.out = f"runs/{self.task}-{self.preset}-seed{self.seed}"
+
+    @classmethod
+    def from_args(cls, args: Any, command: str = "") -> "PipelineConfig":
+        """Build from the parsed ``cdeq run`` arguments (``--set KEY=VALUE`` and the DEQ flags)."""
+        overrides: dict[str, Any] = {}
+        for item in args.overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+            if key not in DEFAULTS:
+                raise ValueError(f"--set {key}: unknown setting; valid settings: {sorted(DEFAULTS)}")
+            overrides[key] = _parse_value(key, value, DEFAULTS[key])
+        return cls(task=args.task, preset=args.preset, device=args.device, seed=args.seed, out=args.out,
+                   command=command, settings=overrides, deq=_deq_flags_set(args))
+
+    def describe(self) -> str:
+        lines = [f"task {self.task}, preset {self.preset}, device {self.device}, seed {self.seed}, out {self.out}"]
+        lines += [f"  {k} = {v!r}" for k, v in sorted(self.settings.items())]
+        if self.deq:
+            lines.append(f"  teacher DEQ options: {self.deq}")
+        return "\n".join(lines)
+
+
+def _deq_flags_set(args: Any) -> dict[str, Any]:
+    """The teacher DEQ options given on the command line (TorchDEQ flags that differ from their
+    defaults), as :class:`cdeq.DEQ` keyword arguments."""
+    import argparse
+
+    from cdeq.config import DEQ_OPTIONS, DEQConfig, add_deq_args
+
+    parser = argparse.ArgumentParser()
+    add_deq_args(parser)
+    defaults = vars(parser.parse_args([]))
+    given = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    if not given:
+        return {}
+    base = DEQConfig.from_args(argparse.Namespace(**defaults))
+    chosen = DEQConfig.from_args(argparse.Namespace(**{**defaults, **given}))
+    return {k: getattr(chosen, k) for k in DEQ_OPTIONS if getattr(chosen, k) != getattr(base, k)}
+

@@ -1,0 +1,323 @@
+"""The stages of one run. A :class:`Stage` is ``RUN_DIR/<name>-<key>/``, the key hashing its settings
+and the keys of the stages it reads; :class:`Run` trains, samples, distils and evaluates through them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
+from cdeq.measure import git_commit, peak_memory_mb, student_latency, time_ms
+from cdeq.pipeline.settings import VALUE_BEFORE, PipelineConfig, key_fields
+from cdeq.state import batch_norm2, to_device
+from cdeq.training import BEST, CHECKPOINT, METRICS
+
+if TYPE_CHECKING:
+    from cdeq.consistency import ConsistencyDEQ
+
+
+def _key(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+
+class Stage:
+    """One cached, resumable stage of a run: ``RUN_DIR/<name>-<key>/`` with ``done.json``."""
+
+    def __init__(self, run_dir: Path, name: str, payload: dict[str, Any]) -> None:
+        self.name = name
+        self.key = _key(payload)
+        self.dir = run_dir / f"{name}-{self.key}"
+        self.payload = payload
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").exists()
+
+    def run(self, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``fn(dir) -> summary`` unless done; print and return the one-line summary."""
+        if self.done:
+            summary = json.loads((self.dir / "done.json").read_text())["summary"]
+            print(f"[{self.name}] cached ({self.dir.name}): {_line(summary)}", flush=True)
+            return summary
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / "settings.json", self.payload)
+        t0 = time.perf_counter()
+        summary = fn(self.dir)
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(self.dir / "done.json", {"summary": summary})
+        print(f"[{self.name}] done ({self.dir.name}): {_line(summary)}", flush=True)
+        return summary
+
+
+def _line(summary: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Run:
+    """The stages of one ``cdeq run``, sharing the task, the teacher and the trajectories."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        from cdeq import tasks
+
+        self.config = config
+        self.commit = git_commit()  # the code this run executes (taken before any stage runs)
+        self.s = config.settings
+        self.device = torch.device(config.device)
+        self.run_dir = Path(config.out)
+        self.task = tasks.get(config.task)
+        torch.manual_seed(config.seed)
+        base = {"task": config.task, "seed": config.seed}
+        self.teacher_stage = Stage(self.run_dir, "teacher", {**base, "preset": self.s["teacher_preset"], "deq": config.deq,
+                                                             "from": self._source_hash("teacher_from")})
+        self.explicit_stage = Stage(self.run_dir, "explicit", {**base, "preset": self.s["teacher_preset"],
+                                                               "from": self._source_hash("explicit_from"),
+                                                               "steps": self.s["explicit_steps"]})
+        traj_keys = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_aug", "anderson_m")
+        self.traj_stage = Stage(self.run_dir, "trajectories", {"teacher": self.teacher_stage.key,
+                                                                **{k: self.s[k] for k in traj_keys}})
+        self._teacher = None
+        self._trajectories = None
+
+    def _source_hash(self, setting: str) -> Optional[str]:
+        """The checkpoint hash of a finished run named by ``setting`` (None when unset)."""
+        from cdeq.io import sha256_file
+
+        source = self.s[setting]
+        if source is None:
+            return None
+        if not (Path(source) / CHECKPOINT).exists():
+            raise FileNotFoundError(f"{setting}: no {CHECKPOINT} in {source} (a finished training run directory)")
+        return sha256_file(Path(source) / CHECKPOINT)
+
+    def _copy_run(self, source: Path, d: Path) -> dict[str, Any]:
+        """Take a finished training run's checkpoints and metrics into a stage directory."""
+        import shutil
+
+        for name in (CHECKPOINT, BEST, METRICS):
+            if (source / name).exists():
+                shutil.copyfile(source / name, d / f".{name}.tmp")
+                (d / f".{name}.tmp").replace(d / name)
+        metrics = json.loads((d / METRICS).read_text())
+        return {self.task.metric: metrics["test"][self.task.metric], "from": str(source)}
+
+    # -- shared artefacts -------------------------------------------------------------------------
+    def teacher(self):
+        if self._teacher is None:
+            self._teacher = self.task.load_teacher(self.teacher_stage.dir, device=str(self.device))
+            self._teacher.requires_grad_(False)
+        return self._teacher
+
+    def explicit(self) -> torch.nn.Module:
+        """The trained explicit baseline (its best weights if selected, else the last), in eval mode."""
+        d = self.explicit_stage.dir
+        ckpt = load_checkpoint(d / CHECKPOINT, map_location=self.device)
+        if ckpt["meta"].get("kind") != "explicit" or ckpt["meta"].get("task") != self.task.name:
+            raise ValueError(f"explicit_from: {d} holds a {ckpt['meta'].get('task')}/{ckpt['meta'].get('kind')} run, "
+                             f"not a {self.task.name} explicit baseline")
+        model = self.task.build_explicit(**ckpt["meta"]["recipe"]["explicit"])
+        state = load_checkpoint(d / BEST, map_location=self.device)["model"] if (d / BEST).exists() else ckpt["model"]
+        model.load_state_dict(state)
+        return model.to(self.device).eval()
+
+    def trajectories(self):
+        from cdeq.consistency import Trajectories
+
+        if self._trajectories is None:
+            self._trajectories = Trajectories.open(self.traj_stage.dir / "cache", teacher=self.teacher())
+        return self._trajectories
+
+    def timemap(self) -> dict[str, Any]:
+        return {k: self.s[k] for k in ("gamma", "eps", "T", "rho", "beta")}
+
+    def _since(self, setting: str, name: str) -> dict[str, Any]:
+        """``{name: value}`` of a setting added after runs were made, empty at the value those runs
+        used (:data:`VALUE_BEFORE`), so their stage keys, and so their cached stages, stay valid."""
+        value = self.s[setting]
+        return {} if value == VALUE_BEFORE[setting] else {name: value}
+
+    def student_options(self) -> dict[str, Any]:
+        """ConsistencyDEQ options of the students and the direct baseline (also their stage keys)."""
+        return {**self.timemap(), **self._since("student_init", "init")}
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def train_teacher(self) -> dict[str, Any]:
+        def fn(d: Path) -> dict[str, Any]:
+            if self.s["teacher_from"] is not None:
+                summary = self._copy_run(Path(self.s["teacher_from"]), d)
+                self.task.load_teacher(d)  # a run of another task or kind is an error here
+                return summary
+            overrides = {"deq": self.config.deq} if self.config.deq else {}
+            metrics = self.task.train_teacher(d, preset=self.s["teacher_preset"], seed=self.config.seed,
+                                              device=str(self.device), **overrides)
+            return {self.task.metric: metrics["test"][self.task.metric], "params": metrics.get("params", param_count(self.teacher()))}
+        return self.teacher_stage.run(fn)
+
+    def train_explicit(self) -> dict[str, Any]:
+        def fn(d: Path) -> dict[str, Any]:
+            if self.s["explicit_from"] is not None:
+                return self._copy_run(Path(self.s["explicit_from"]), d)
+            overrides = {}
+            if self.s["explicit_steps"] is not None:
+                recipe = self.task.recipe(self.s["teacher_preset"])
+                overrides["explicit_train"] = {**recipe.get("explicit_train", recipe["train"]), "steps": self.s["explicit_steps"]}
+            metrics = self.task.train_explicit(d, preset=self.s["teacher_preset"], seed=self.config.seed,
+                                               device=str(self.device), **overrides)
+            return {self.task.metric: metrics["test"][self.task.metric]}
+        return self.explicit_stage.run(fn)
+
+    def sample(self) -> dict[str, Any]:
+        from cdeq.consistency import sample_trajectories
+
+        def fn(d: Path) -> dict[str, Any]:
+            batches = self.task.batches("train", batch_size=self.s["traj_batch_size"], shuffle=True,
+                                        limit=self.s["traj_batches"], seed=self.config.seed)
+            traj = sample_trajectories(self.teacher(), ((to_device(x, self.device), y) for x, y in batches),
+                                       steps=self.s["traj_steps"], solver="anderson",
+                                       solver_options={"m": self.s["anderson_m"]}, p_aug=self.s["p_aug"],
+                                       cache_dir=d / "cache", dtype=getattr(torch, self.s["traj_dtype"]),
+                                       seed=self.config.seed)
+            final = float(torch.cat([traj.residuals(i)[:, -1].float() for i in range(traj.num_shards)]).mean())
+            return {"items": len(traj), "K": traj.steps, "final_rel_residual": final}
+        return self.traj_stage.run(fn)
+
+    def distill_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`cdeq.consistency.distill` (every one given, so distill's
+        own defaults never stand in for a setting)."""
+        return {"steps": self.s["distill_steps"], "lr": self.s["distill_lr"], "batch_size": self.s["distill_batch_size"],
+                "lambda_global": self.s["lambda_global"], "lambda_task": self.s["lambda_task"], "ema": self.s["ema"],
+                "distance": self.s["distance"],
+                "rollout_steps": max(self.s["nfe"]) if self.s["rollout_steps"] is None else self.s["rollout_steps"],
+                "rollout_weight": self.s["rollout_weight"], "anchor_weight": self.s["anchor_weight"]}
+
+    def distill(self, structure: str, name: Optional[str] = None, **changes: Any):
+        """Distil a C-DEQ student (``structure`` "anderson" or "plain"); returns (student, summary)."""
+        from cdeq.consistency import ConsistencyDEQ, distill
+
+        settings = {**self.distill_settings(), **{k: v for k, v in changes.items() if k in self.distill_settings()}}
+        options = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
+        stage = Stage(self.run_dir, name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
+                      {"trajectories": self.traj_stage.key, "structure": structure, "seed": self.config.seed,
+                       **options, **key_fields(settings)})
+        student = ConsistencyDEQ(self.teacher(), structure=structure, **options).to(self.device)
+
+        def fn(d: Path) -> dict[str, Any]:
+            result = distill(student, self.trajectories(), checkpoint_dir=str(d), device=self.device,
+                             seed=self.config.seed, **settings)
+            save_checkpoint(d / "model.pt", {"model": student.state_dict()})
+            err = result["eval"]["student"]
+            return {f"err@{k}": float(v) for k, v in err.items()}
+        summary = stage.run(fn)
+        student.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])
+        return student.eval(), summary
+
+    def train_hyperdeq(self):
+        from cdeq.baselines import HyperDEQ, train_hyperdeq
+
+        stage = Stage(self.run_dir, "hyperdeq", {"trajectories": self.traj_stage.key, "seed": self.config.seed,
+                                                 "steps": self.s["hyper_steps"], "m": self.s["anderson_m"],
+                                                 "batch_size": self.s["distill_batch_size"]})
+        hyper = HyperDEQ(self.teacher(), m=self.s["anderson_m"]).to(self.device)
+
+        def fn(d: Path) -> dict[str, Any]:
+            history = train_hyperdeq(hyper, self.trajectories(), steps=self.s["hyper_steps"], checkpoint_dir=str(d),
+                                     batch_size=self.s["distill_batch_size"], device=self.device, seed=self.config.seed)
+            save_checkpoint(d / "model.pt", {"model": hyper.state_dict()})
+            return {"loss": float(history[-1]["loss"])} if history else {}
+        summary = stage.run(fn)
+        hyper.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])
+        return hyper.eval(), summary
+
+    def train_direct(self, nfe: int):
+        from cdeq.baselines import train_direct
+        from cdeq.consistency import ConsistencyDEQ
+
+        stage = Stage(self.run_dir, f"direct-J{nfe}", {"trajectories": self.traj_stage.key, "seed": self.config.seed,
+                                                       "steps": self.s["direct_steps"], "lr": self.s["distill_lr"],
+                                                       "batch_size": self.s["distill_batch_size"], **self.student_options()})
+        model = ConsistencyDEQ(self.teacher(), structure="anderson", **self.student_options()).to(self.device)
+
+        def fn(d: Path) -> dict[str, Any]:
+            history = train_direct(model, self.trajectories(), nfe=nfe, steps=self.s["direct_steps"], lr=self.s["distill_lr"],
+                                   batch_size=self.s["distill_batch_size"], checkpoint_dir=str(d), device=self.device,
+                                   seed=self.config.seed)
+            save_checkpoint(d / "model.pt", {"model": model.state_dict()})
+            return {"loss": float(history[-1]["loss"])} if history else {}
+        summary = stage.run(fn)
+        model.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])
+        return model.eval(), summary
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def rel_residual(self, x: Any, z: Any) -> Tensor:
+        """Per-sample ||f(z)-z||/||f(z)|| of a state under the teacher's layer."""
+        teacher = self.teacher()
+        fz = teacher.layer(z, teacher.inject(x))
+        diff = tuple(a - b for a, b in zip(fz, z)) if isinstance(z, tuple) else fz - z
+        return batch_norm2(diff) / batch_norm2(fz).clamp_min(1e-30)
+
+    def evaluate_method(self, method: str, nfe: Optional[int], state_fn: Optional[Callable[[Any], Any]],
+                        logits_fn: Callable[[Any], Tensor], params: int) -> dict[str, Any]:
+        """One row: the metric on the test split, the mean relative residual of the states, and the
+        median time and peak memory of one call on the first test batch."""
+        residuals: list[Tensor] = []
+
+        def predict(x: Any) -> Tensor:
+            x = to_device(x, self.device)
+            if state_fn is None:
+                return logits_fn(x)
+            z = state_fn(x)
+            residuals.append(self.rel_residual(x, z).float().cpu())
+            return self.teacher().readout(z)
+
+        with torch.no_grad():
+            value = self.task.evaluate(predict, "test", batch_size=self.s["eval_batch_size"], limit=self.s["eval_limit"])
+            x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
+            x0 = to_device(x0, self.device)
+            call = (lambda: self.teacher().readout(state_fn(x0))) if state_fn is not None else (lambda: logits_fn(x0))
+            ms = time_ms(call, self.device, repeats=self.s["time_repeats"])
+            mem = peak_memory_mb(call, self.device)
+        rel = float(torch.cat(residuals).mean()) if residuals else None
+        row = {"method": method, "nfe": nfe, "value": value, "rel_residual": rel, "time_ms": ms,
+               "params": params, "peak_mem_mb": mem}
+        shown = f"{value * 100:.2f}%" if self.task.metric == "accuracy" else f"ppl {value:.2f}"
+        print(f"  {method:<20} nfe {str(nfe):>4}  {shown:>10}  rel.res {rel if rel is None else f'{rel:.2e}'}  "
+              f"{ms:8.2f} ms", flush=True)
+        return row
+
+    def teacher_rows(self, solver: str, budgets: list[int]) -> list[dict[str, Any]]:
+        teacher = self.teacher()
+        options = {"m": self.s["anderson_m"]} if solver == "anderson" else {}
+        name = "teacher-anderson" if solver == "anderson" else "teacher-fixed-point"
+
+        def state_fn(k: int) -> Callable[[Any], Any]:
+            return lambda x: teacher.truncated_solve(x, k, solver, check_residual=False, **options)[0]
+        return [self.evaluate_method(name, k, state_fn(k), None, param_count(teacher)) for k in budgets]
+
+    def latency(self, student: ConsistencyDEQ, budgets: list[int]) -> dict[str, dict[str, float]]:
+        """:func:`student_latency` on the first test batch."""
+        x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
+        return student_latency(student, self.teacher(), to_device(x0, self.device), budgets, self.device,
+                               repeats=3 * self.s["time_repeats"])
+
+    def converged_teacher(self) -> dict[str, Any]:
+        """The teacher at its working tolerance: its metric and mean NFE."""
+        teacher, nfes = self.teacher(), []
+
+        def predict(x: Any) -> Tensor:
+            logits, info = teacher(to_device(x, self.device))
+            nfes.append(info.steps.float().cpu())
+            return logits
+
+        with torch.no_grad():
+            value = self.task.evaluate(predict, "test", batch_size=self.s["eval_batch_size"], limit=self.s["eval_limit"])
+        return {"nfe": float(torch.cat(nfes).mean()), "value": value}
+
