@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from cdeq.pipeline import PipelineConfig, run_ablation, run_pipeline
-    from cdeq.runtime import tune_cpu_allocator
+    from cdeq.runtime import quiet_profiler, tune_cpu_allocator
 
     tune_cpu_allocator()
+    quiet_profiler()
     if args.threads is not None:
         import torch
 

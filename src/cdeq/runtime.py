@@ -1,4 +1,4 @@
-"""Process-wide set-up for long CPU runs: glibc's allocator thresholds.
+"""Process-wide set-up of the command-line tools: glibc's allocator thresholds, and a quiet profiler.
 
 glibc returns freed memory above its trim threshold to the OS, and serves large blocks with fresh
 ``mmap`` calls, so a loop that allocates and frees megabyte-sized tensors (a solver step, a DEQ
@@ -10,6 +10,10 @@ tcmalloc; this needs no extra library.
 
 The command-line entry points call :func:`tune_cpu_allocator`; set ``CDEQ_MALLOC_TUNING=0`` to
 keep glibc's defaults. Library code never calls it by itself.
+
+:func:`quiet_profiler` silences the two lines (``USDT: ... profiler_start`` / ``profiler_stop``)
+that PyTorch's profiler (Kineto) writes on stderr for every session in torch 2.13: the pipeline
+opens one per table row to measure peak memory on the CPU, so a ``cdeq run`` printed about sixty.
 """
 from __future__ import annotations
 
@@ -35,3 +39,16 @@ def tune_cpu_allocator() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+KINETO_QUIET = "6"  # Kineto's log levels run 0 (verbose) to 5 (USDT); 6 prints none of them
+
+
+def quiet_profiler() -> bool:
+    """Silence the profiler's own log lines for this process (``KINETO_LOG_LEVEL``), unless the
+    user set that level; True if set here. Kineto reads it when the first profiler session
+    starts, so call this before any (the command-line tools do so at start)."""
+    if "KINETO_LOG_LEVEL" in os.environ:
+        return False
+    os.environ["KINETO_LOG_LEVEL"] = KINETO_QUIET
+    return True
