@@ -6,7 +6,8 @@ that sets C-DEQ against each comparison of the pipeline issue NFE by NFE; the co
 weighted 1 instead of 10; ``<task>-zeros``: also the paper's z_0 = 0 for the students;
 ``<task>-mlp``: a two-layer learned z_0, rollout weight 1) get one line per method that differs
 from the main run; ``<task>-seedN`` repeats of the main command with ``--seed N`` get one line of
-means and standard deviations over all seeds.
+means and standard deviations over all seeds, and so do ``<task>-dseedN``, repeats that load the
+main run's teacher and explicit baseline and take ``--seed N`` for everything after them.
 
 Usage: python scripts/results_summary.py
 """
@@ -21,7 +22,11 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("teacher-anderson", "hyperdeq", "direct", "cdeq-plain", "cdeq")
 VARIANTS = ("-rw1", "-zeros", "-long", "-mlp")
-SEED_RUN = re.compile(r"-seed\d+$")  # <task>-seedN: the main run's command with --seed N
+SEED_RUNS = {  # suffix -> what the repeats share with the main run
+    "-seed": "runs of the same command",
+    "-dseed": "runs with the main run's teacher and explicit baseline; the trajectories, students and baselines with --seed N",
+}
+SEED_RUN = re.compile(r"-d?seed\d+$")
 
 
 def load(path: Path) -> tuple[dict, dict, Callable[[float], str], list[int]]:
@@ -67,15 +72,17 @@ def main_run(path: Path) -> None:
         other = path.parent.parent / (path.parent.name + variant) / "table.json"
         if other.exists():
             variant_lines(other, value)
-    seeds = sorted(path.parent.parent.glob(path.parent.name + "-seed*/table.json"))
-    if seeds:
-        seed_line([path, *seeds], nfes)
+    for suffix, what in SEED_RUNS.items():
+        seeds = sorted(path.parent.parent.glob(f"{path.parent.name}{suffix}[0-9]*/table.json"))
+        if seeds:
+            seed_line([path, *seeds], nfes, what)
     print()
 
 
-def seed_line(paths: list[Path], nfes: list[int]) -> None:
-    """Mean and standard deviation over the main run and its ``-seedN`` repeats, and of C-DEQ's
-    margin over HyperDEQ and the plain ablation (positive = C-DEQ better)."""
+def seed_line(paths: list[Path], nfes: list[int], what: str) -> None:
+    """Mean and standard deviation over the main run and its repeats with other seeds (``what``
+    says what they share), and of C-DEQ's margin over HyperDEQ and the plain ablation (positive =
+    C-DEQ better)."""
     runs = [load(p) for p in paths]
     acc = runs[0][0]["metric"] == "accuracy"
     scale, sign = (100.0, 1.0) if acc else (1.0, -1.0)
@@ -89,7 +96,7 @@ def seed_line(paths: list[Path], nfes: list[int]) -> None:
     for other in ("hyperdeq", "cdeq-plain"):
         cells.append(f"cdeq − {other} " + " / ".join(
             stat([sign * (r[1][("cdeq", k)] - r[1][(other, k)]) * scale for r in runs]) for k in nfes))
-    print(f"- seeds {seeds} ({len(runs)} runs of the same command; mean ± sd, NFE "
+    print(f"- seeds {seeds} ({len(runs)} {what}; mean ± sd, NFE "
           + " / ".join(map(str, nfes)) + "): " + "; ".join(cells))
 
 
