@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import cdeq
@@ -385,6 +386,28 @@ def test_distill_resumes_after_a_kill(tmp_path, monkeypatch):
         assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="other settings"):
         distill(ConsistencyDEQ(teacher), traj, checkpoint_dir=tmp_path / "run", **{**kw, "lr": 0.5})
+
+
+class DropoutToyDEQ(ToyDEQ):
+    """ToyDEQ with dropout on the input, drawn from torch's global random stream in training."""
+
+    def inject(self, x):
+        return super().inject(F.dropout(x, 0.5, self.training))
+
+
+def test_distill_does_not_depend_on_the_global_random_state_before_it():
+    """Two distillations with the same seed give the same student whatever the process drew
+    before (in an ablation the 10th student of a grid must equal the first student of a run)."""
+    teacher = DropoutToyDEQ()
+    traj = toy_trajectories(teacher, toy_batches(teacher, n=128, batch=64), steps=6)
+    students = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        students.append(ConsistencyDEQ(teacher))
+        distill(students[-1], traj, steps=6, progress=False, eval_nfes=(), rollout_steps=2, seed=3)
+    for (name, p), q in zip(students[0].named_parameters(), students[1].parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(students[0].backbone.U.weight, teacher.U.weight)  # it did train
 
 
 def test_tuple_state_student_runs_infer_predict_distill():

@@ -2,7 +2,7 @@
 
 AdamW with gradient clipping, a warm-up + cosine (or constant) learning rate, a tqdm progress bar,
 a per-step random generator derived from (seed, step) so that a resumed run draws the same batches,
-and atomic checkpoints (:func:`cdeq.io.save_checkpoint`, loaded with ``weights_only=True``) every
+the global random stream (dropout) seeded at the start and restored on resume, and atomic checkpoints (:func:`cdeq.io.save_checkpoint`, loaded with ``weights_only=True``) every
 ``checkpoint_every`` steps; a run killed part-way resumes from its last checkpoint.
 """
 from __future__ import annotations
@@ -101,6 +101,9 @@ def run(name: str, *, steps: int, params: list[nn.Parameter], step_fn: StepFn, c
     ckpt = Path(cfg.checkpoint_dir) / f"{name}.pt" if cfg.checkpoint_dir else None
     history: list[dict] = []
     start = 0
+    # Batches come from step_generator; dropout draws from the global stream, seeded here so that a
+    # run does not depend on what its process did before (an ablation's 10th student equals a run's first).
+    torch.manual_seed(cfg.seed)
     if ckpt is not None and ckpt.exists() and cfg.resume:
         state = load_checkpoint(ckpt)
         if state["config"] != config:
