@@ -2,13 +2,16 @@
 interrupted stage, the report rebuilt from JSON, and the validated settings."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from cdeq import pipeline
+from cdeq.io import load_checkpoint
 from cdeq.pipeline import settings
 from cdeq.report import METHODS, validate_table, write_report
 
@@ -68,6 +71,21 @@ def test_rerun_resumes_from_cached_stages(tiny_run, capsys):
     log = capsys.readouterr().out
     assert "[teacher] cached" in log and "[trajectories] cached" in log
     assert "[cdeq] done" in log and (distilled / "done.json").exists()
+
+
+@cora_present
+def test_a_stage_gives_the_same_student_whether_its_inputs_were_computed_or_cached(tiny_run, tmp_path):
+    """The run distilled its student after training the teacher in the same process; a run that
+    finds the teacher and trajectories cached must distil the very same student (IGNN's dropout
+    draws from the global random stream, which those stages had moved)."""
+    out, config, _ = tiny_run
+    for stage in [*out.glob("teacher-*"), *out.glob("trajectories-*")]:
+        shutil.copytree(stage, tmp_path / stage.name)
+    fresh, _ = pipeline.Run(dataclasses.replace(config, out=str(tmp_path))).distill("anderson")
+    distilled, = student_dirs(out)
+    saved = load_checkpoint(distilled / "model.pt")["model"]
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[name]), name
 
 
 @cora_present
