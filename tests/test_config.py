@@ -28,7 +28,7 @@ def test_unknown_option_names_it_suggests_the_closest_and_lists_all():
     ("f_max_iter", -1, "f_max_iter: expected an integer >= 0, got -1"),
     ("b_max_iter", 2.5, "b_max_iter: expected an integer >= 1, got 2.5"),
     ("phantom_steps", True, "phantom_steps: expected an integer >= 1, got True"),
-    ("f_tol", "small", "f_tol: expected a number in [0.0, inf], got 'small'"),
+    ("f_tol", "small", "f_tol: expected a number in [0.0, inf), got 'small'"),
     ("gamma", 0, "gamma: expected a number in (0.0, 1.0], got 0"),
     ("jac_loss_freq", 2.0, "jac_loss_freq: expected a number in [0.0, 1.0], got 2.0"),
     ("f_stop_mode", "relative", "f_stop_mode: expected one of ('rel', 'abs'), got 'relative'"),

@@ -118,11 +118,60 @@ def test_unknown_student_init_is_named():
         pipeline.PipelineConfig(task="mnist", settings={"student_init": "learned"})
 
 
-def test_set_values_are_parsed_by_type():
+def test_set_values_are_parsed_by_type(capsys):
+    """A bad value is a usage error of the command (exit status 2, the setting named), not a traceback."""
     from cdeq.cli import main
 
-    with pytest.raises(ValueError, match="--set distill_steps: expected a value like 2000, got 'many'"):
+    with pytest.raises(SystemExit) as exit_:
         main(["run", "cora", "--set", "distill_steps=many", "--show-config"])
+    assert exit_.value.code == 2
+    assert "cdeq run: error: --set distill_steps: expected a value like 2000, got 'many'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"nfe": (1, 0)}, r"nfe: expected an integer >= 1, got 0"),
+    ({"nfe": ()}, r"nfe: expected a non-empty tuple of ints >= 1"),
+    ({"distill_steps": 0}, r"distill_steps: expected an integer >= 1, got 0"),
+    ({"eval_limit": -2}, r"eval_limit: expected an integer >= 1, got -2"),
+    ({"lambda_global": 1.5}, r"lambda_global: expected a number in \[0.0, 1.0\], got 1.5"),
+    ({"ema": 1.0}, r"ema: expected a number in \[0.0, 1.0\), got 1.0"),
+    ({"distance": "l1"}, r"distance: expected one of \('mse', 'huber'\), got 'l1'"),
+    ({"traj_dtype": "float8"}, r"traj_dtype: expected one of .*got 'float8'"),
+    ({"rho": 0.0}, r"rho: expected rho > 0"),
+    ({"p_aug": 2.0}, r"p_aug: expected a number in \[0.0, 1.0\], got 2.0"),
+    ({"fused_inference": "yes"}, r"fused_inference: expected True or False, got 'yes'"),
+])
+def test_out_of_range_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.PipelineConfig(task="cora", settings=changes)
+
+
+def test_a_bad_setting_stops_the_command_before_any_stage(tmp_path, capsys):
+    """``nfe=0`` used to surface when the direct baseline's stage began, after the teacher."""
+    from cdeq.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "cora", "--preset", "tiny", "--set", "nfe=1,0", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2 and "nfe: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_task_and_device_are_checked():
+    with pytest.raises(ValueError, match=r"task: expected one of \('cora', .*got 'cifar'"):
+        pipeline.PipelineConfig(task="cifar")
+    with pytest.raises(ValueError, match=r"device: expected a torch device such as 'cpu' or 'cuda:0', got 'gpu'"):
+        pipeline.PipelineConfig(task="cora", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device: 'cuda' asked for, but this torch build sees no CUDA device"):
+            pipeline.PipelineConfig(task="cora", device="cuda")
+
+
+def test_report_of_a_folder_without_table_is_a_usage_error(tmp_path, capsys):
+    from cdeq.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(tmp_path)])
+    assert exit_.value.code == 2 and f"run_dir: no table.json in {tmp_path}" in capsys.readouterr().err
 
 
 def test_set_integer_settings_with_none_default():

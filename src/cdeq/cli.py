@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="cdeq", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run_args(sub.add_parser("run", help="run the whole pipeline on a task and print the table"))
+    p_run = sub.add_parser("run", help="run the whole pipeline on a task and print the table")
+    _add_run_args(p_run)
     p_report = sub.add_parser("report", help="rebuild table.md and the figures from RUN_DIR/table.json")
     p_report.add_argument("run_dir")
     p_ablate = sub.add_parser("ablate", help="loss-weight (Table 4) or time-map grid on one task")
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from cdeq.report import markdown_table, write_report
 
-        print(markdown_table(write_report(args.run_dir)))
+        try:
+            table = write_report(args.run_dir)
+        except (FileNotFoundError, ValueError) as err:  # no table.json, or one that breaks the binding form
+            p_report.error(str(err))
+        print(markdown_table(table))
         return 0
 
     from cdeq.pipeline import PipelineConfig, run_ablation, run_pipeline
@@ -64,14 +69,18 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_cpu_allocator()
     quiet_profiler()
+    sub_parser = p_ablate if args.command == "ablate" else p_run
     if args.threads is not None:
         import torch
 
         if args.threads < 1:
-            parser.error(f"--threads: expected an int >= 1, got {args.threads}")
+            sub_parser.error(f"--threads: expected an int >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
-    config = PipelineConfig.from_args(args, command="cdeq " + " ".join(argv))
+    try:  # a bad setting, task, device or DEQ flag: a usage error, before any stage runs
+        config = PipelineConfig.from_args(args, command="cdeq " + " ".join(argv))
+    except ValueError as err:
+        sub_parser.error(str(err))
     if args.show_config:
         print(config.describe())
         return 0

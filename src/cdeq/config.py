@@ -65,15 +65,17 @@ def check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
 
 
-def _float(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value <= high
-    ok = ok and (value > low if low_open else value >= low)
+def check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a real number in the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
         raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
 
 
-def _bool(name: str, value: Any) -> None:
+def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}: expected True or False, got {value!r}")
 
@@ -170,19 +172,19 @@ class DEQConfig:
         if self.eval_max_iter is not None:
             check_int("eval_max_iter", self.eval_max_iter, 0)
         for name in ("f_tol", "b_tol", "jac_loss_weight"):
-            _float(name, getattr(self, name), 0.0)
-        _float("tau", self.tau, 0.0, 1.0, low_open=True)
-        _float("gamma", self.gamma, 0.0, 1.0, low_open=True)
-        _float("jac_loss_freq", self.jac_loss_freq, 0.0, 1.0)
+            check_number(name, getattr(self, name), 0.0)
+        check_number("tau", self.tau, 0.0, 1.0, low_open=True)
+        check_number("gamma", self.gamma, 0.0, 1.0, low_open=True)
+        check_number("jac_loss_freq", self.jac_loss_freq, 0.0, 1.0)
         check_choice("f_stop_mode", self.f_stop_mode, STOP_MODES)
         check_choice("b_stop_mode", self.b_stop_mode, STOP_MODES)
         _kwargs("f_options", self.f_options)
         _kwargs("b_options", self.b_options)
-        _bool("checkpoint", self.checkpoint)
-        _bool("norm_scale", self.norm_scale)
+        check_bool("checkpoint", self.checkpoint)
+        check_bool("norm_scale", self.norm_scale)
         self.norm_type = check_choice("norm_type", NORM_ALIASES.get(self.norm_type, self.norm_type), NORM_TYPES)
         if self.norm_clip is not None:
-            _float("norm_clip", self.norm_clip, 0.0, low_open=True)
+            check_number("norm_clip", self.norm_clip, 0.0, low_open=True)
         if self.return_steps is not None:
             if isinstance(self.return_steps, (str, bytes)) or not hasattr(self.return_steps, "__iter__"):
                 raise ValueError(f"return_steps: expected a sequence of solver steps, got {self.return_steps!r}")

@@ -16,7 +16,8 @@ from torch import Tensor
 from cdeq.consistency.distill import prepare
 from cdeq.state import to_device
 from cdeq.consistency.losses import TaskLoss, cross_entropy
-from cdeq.consistency.loop import check_int, optim_config, run
+from cdeq.config import check_int
+from cdeq.consistency.loop import optim_config, run
 from cdeq.consistency.student import ConsistencyDEQ
 from cdeq.consistency.trajectories import Trajectories
 
@@ -47,8 +48,8 @@ def train_direct(
         raise TypeError(f"student: expected a ConsistencyDEQ, got {type(student).__name__}")
     if not isinstance(trajectories, Trajectories):
         raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
-    check_int("nfe", nfe)
-    check_int("batch_size", batch_size)
+    check_int("nfe", nfe, 1)
+    check_int("batch_size", batch_size, 1)
     if not trajectories.meta["has_labels"]:
         raise ValueError("trajectories: the direct baseline trains on labels, and this cache holds none")
     dev = prepare(student, trajectories, device)

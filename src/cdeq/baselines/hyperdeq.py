@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from cdeq.consistency.distill import prepare
 from cdeq.consistency.initialiser import StateInitialiser
 from cdeq.consistency.losses import mean_square, state_distance
-from cdeq.consistency.loop import check_int, optim_config, run
+from cdeq.config import check_int
+from cdeq.consistency.loop import optim_config, run
 from cdeq.consistency.trajectories import Trajectories
 from cdeq.state import State, StateLayout, to_device
 
@@ -170,8 +171,8 @@ def train_hyperdeq(
     """
     if not isinstance(trajectories, Trajectories):
         raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
-    check_int("train_nfe", train_nfe)
-    check_int("batch_size", batch_size)
+    check_int("train_nfe", train_nfe, 1)
+    check_int("batch_size", batch_size, 1)
     dev = prepare(hyper, trajectories, device)
     K = trajectories.steps
 

@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from cdeq.consistency.losses import DISTANCES, TaskLoss, cross_entropy, mean_square, relative_error, state_distance
-from cdeq.consistency.loop import check_int, optim_config, run
+from cdeq.config import check_choice, check_int, check_number
+from cdeq.consistency.loop import optim_config, run
 from cdeq.consistency.student import ConsistencyDEQ
 from cdeq.consistency.trajectories import Trajectories
 from cdeq.state import State, StateLayout, map_state, to_device
@@ -124,6 +125,18 @@ def teacher_error(trajectories: Trajectories, nfes: Sequence[int], max_items: Op
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
+def check_loss_settings(*, distance: str, lambda_global: float, lambda_task: float, ema: float,
+                        rollout_weight: float, anchor_weight: float) -> None:
+    """Raise a ValueError naming the first of :func:`distill`'s loss settings that is out of range
+    (also called by the pipeline, before any stage runs)."""
+    check_choice("distance", distance, DISTANCES)
+    check_number("lambda_global", lambda_global, 0.0, 1.0)  # Eq. 11
+    check_number("lambda_task", lambda_task, 0.0)
+    check_number("ema", ema, 0.0, 1.0, high_open=True)
+    check_number("rollout_weight", rollout_weight, 0.0)
+    check_number("anchor_weight", anchor_weight, 0.0)
+
+
 def distill(
     student: ConsistencyDEQ,
     trajectories: Trajectories,
@@ -176,20 +189,10 @@ def distill(
         raise TypeError(f"student: expected a ConsistencyDEQ, got {type(student).__name__}")
     if not isinstance(trajectories, Trajectories):
         raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance: expected one of {DISTANCES}, got {distance!r}")
-    if not 0.0 <= lambda_global <= 1.0:
-        raise ValueError(f"lambda_global: expected a weight in [0, 1] (Eq. 11), got {lambda_global}")
-    if not lambda_task >= 0:
-        raise ValueError(f"lambda_task: expected a weight >= 0, got {lambda_task}")
-    if not 0.0 <= ema < 1.0:
-        raise ValueError(f"ema: expected mu in [0, 1), got {ema}")
-    check_int("batch_size", batch_size)
-    check_int("rollout_steps", rollout_steps, minimum=0)
-    if not rollout_weight >= 0:
-        raise ValueError(f"rollout_weight: expected a weight >= 0, got {rollout_weight}")
-    if not anchor_weight >= 0:
-        raise ValueError(f"anchor_weight: expected a weight >= 0, got {anchor_weight}")
+    check_loss_settings(distance=distance, lambda_global=lambda_global, lambda_task=lambda_task, ema=ema,
+                        rollout_weight=rollout_weight, anchor_weight=anchor_weight)
+    check_int("batch_size", batch_size, 1)
+    check_int("rollout_steps", rollout_steps, 0)
     dev = prepare(student, trajectories, device)
     task_fn = task_loss or cross_entropy
     has_labels = bool(trajectories.meta["has_labels"])

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from cdeq.config import check_int
 from cdeq.io import load_checkpoint, save_checkpoint
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -50,12 +51,6 @@ class OptimConfig:
                 raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup: expected an int >= 0, got {self.warmup}")
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 
 def optim_config(lr: float, checkpoint_dir: Any, resume: bool, seed: int, options: dict) -> OptimConfig:
@@ -93,7 +88,7 @@ def run(name: str, *, steps: int, params: list[nn.Parameter], step_fn: StepFn, c
     """
     from tqdm.auto import tqdm
 
-    check_int("steps", steps)
+    check_int("steps", steps, 1)
     if not params:
         raise ValueError(f"{name}: no trainable parameters")
     config = json.loads(json.dumps(config))

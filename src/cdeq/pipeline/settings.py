@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from cdeq.config import check_bool, check_choice, check_int, check_number
+
 # Settings of every stage; presets change some, `--set key=value` any.
 DEFAULTS: dict[str, Any] = {
     "teacher_preset": "cpu",       # the task's training recipe (tiny | cpu | gpu)
@@ -107,6 +109,58 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
     return text
 
 
+TRAJ_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_settings(s: dict[str, Any]) -> None:
+    """Raise a ValueError naming the first resolved setting that is out of range, so a bad
+    ``--set`` fails before the first stage rather than an hour into the run."""
+    from cdeq.consistency.distill import check_loss_settings
+    from cdeq.consistency.schedule import TimeSchedule
+    from cdeq.consistency.student import INITS
+
+    check_choice("teacher_preset", s["teacher_preset"], ("tiny", "cpu", "gpu"))
+    check_choice("student_init", s["student_init"], INITS)
+    check_choice("traj_dtype", s["traj_dtype"], TRAJ_DTYPES)
+    for name in ("traj_steps", "anderson_m", "distill_steps", "distill_batch_size", "hyper_steps", "direct_steps",
+                 "time_repeats"):
+        check_int(name, s[name], 1)
+    for name in ("traj_batches", "traj_batch_size", "explicit_steps", "eval_batch_size", "eval_limit"):
+        if s[name] is not None:
+            check_int(name, s[name], 1)
+    if s["rollout_steps"] is not None:
+        check_int("rollout_steps", s["rollout_steps"], 0)
+    for name in ("nfe", "teacher_nfe"):
+        if not isinstance(s[name], (tuple, list)) or (name == "nfe" and not s[name]):
+            raise ValueError(f"{name}: expected a{' non-empty' if name == 'nfe' else ''} tuple of ints >= 1, "
+                             f"got {s[name]!r}")
+        for k in s[name]:
+            check_int(name, k, 1)
+    check_number("distill_lr", s["distill_lr"], 0.0, low_open=True)
+    check_number("p_aug", s["p_aug"], 0.0, 1.0)
+    check_bool("fused_inference", s["fused_inference"])
+    check_loss_settings(distance=s["distance"], lambda_global=s["lambda_global"], lambda_task=s["lambda_task"],
+                        ema=s["ema"], rollout_weight=s["rollout_weight"], anchor_weight=s["anchor_weight"])
+    TimeSchedule(eps=s["eps"], T=s["T"], gamma=s["gamma"], rho=s["rho"], beta=s["beta"])  # raises on a bad map
+
+
+def check_device(device: str) -> None:
+    """Raise a ValueError unless ``device`` names a torch device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but this torch build sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or a CUDA device, got {device!r}")
+
+
 @dataclasses.dataclass
 class PipelineConfig:
     """Everything one run depends on. ``settings`` holds :data:`DEFAULTS` after the preset, the
@@ -134,10 +188,12 @@ class PipelineConfig:
             resolved.update({k: v for k, v in PRESETS["tiny"].items() if k not in self.settings})
             resolved.update({k: v for k, v in task_adjust.get("*", {}).items() if k.endswith("batch_size")})
         self.settings = resolved
-        from cdeq.consistency.student import INITS
+        from cdeq import tasks
 
-        if resolved["student_init"] not in INITS:
-            raise ValueError(f"student_init: expected one of {INITS}, got {resolved['student_init']!r}")
+        check_choice("task", self.task, tasks.NAMES)
+        check_int("seed", self.seed, 0)
+        check_device(self.device)
+        check_settings(resolved)
         if self.out is None:
             self.out = f"runs/{self.task}-{self.preset}-seed{self.seed}"
 
