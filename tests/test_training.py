@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdeq.io import load_checkpoint
+from cdeq.io import load_checkpoint, random_state, restore_random_state, save_checkpoint
 from cdeq.training import BEST, CHECKPOINT, METRICS, TrainConfig, fit, lr_factor
 
 
@@ -124,3 +124,35 @@ def test_select_keeps_the_best_validation_model(tmp_path):
     assert (tmp_path / BEST).exists()
     for k, v in model.state_dict().items():  # the best weights are loaded at the end
         assert torch.equal(v, snapshots[0.9][k])
+
+
+def test_random_state_survives_a_checkpoint_file(tmp_path):
+    """The state a checkpoint keeps loads with weights_only and restores the same draws; a bare
+    CPU state (what checkpoints held before) is still accepted."""
+    torch.manual_seed(5)
+    save_checkpoint(tmp_path / "c.pt", {"rng": random_state()})
+    expected = torch.rand(4)
+    torch.manual_seed(6)
+    restore_random_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(5)
+    old = torch.get_rng_state()
+    torch.rand(2)
+    restore_random_state(old)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_random_state_restores_cuda_generators_when_the_devices_match(monkeypatch):
+    """On a GPU, dropout draws from each device's generator: those states are kept and restored,
+    unless the machine has another number of devices."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([1], dtype=torch.uint8)] * 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = random_state()
+    assert len(state["cuda"]) == 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    restore_random_state(state)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    restore_random_state(state)
+    assert restored == [state["cuda"]]

@@ -1,4 +1,5 @@
-"""Files written atomically, and checkpoints that load without executing pickled code."""
+"""Files written atomically, checkpoints that load without executing pickled code, and the random
+state a checkpoint keeps so that a resumed run draws what the uninterrupted one would have."""
 from __future__ import annotations
 
 import hashlib
@@ -77,3 +78,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def random_state() -> dict[str, Any]:
+    """torch's global random state: the CPU generator and, where CUDA is present, every device's
+    (dropout on a GPU draws from the device's generator)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_random_state(saved: Any) -> None:
+    """Set the state :func:`random_state` returned (or a bare CPU state, as older checkpoints hold).
+    CUDA states are restored when this machine has as many devices as the run that saved them."""
+    if isinstance(saved, torch.Tensor):
+        torch.set_rng_state(saved)
+        return
+    torch.set_rng_state(saved["cpu"])
+    cuda = saved.get("cuda") or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)

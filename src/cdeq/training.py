@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
+from cdeq.io import atomic_write_json, load_checkpoint, random_state, restore_random_state, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -138,13 +138,13 @@ def fit(
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch, offset = ckpt["step"], ckpt["epoch"], ckpt["offset"]
         history, best, elapsed = ckpt["history"], ckpt["best"], ckpt["elapsed"]
-        torch.set_rng_state(ckpt["rng"])
+        restore_random_state(ckpt["rng"])
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "offset": offset,
-            "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "history": history,
+            "rng": random_state(), "config": dataclasses.asdict(cfg), "history": history,
             "best": best, "elapsed": elapsed + time.time() - t_start, "meta": meta or {}})
 
     def run_eval() -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from cdeq.config import check_int
-from cdeq.io import load_checkpoint, save_checkpoint
+from cdeq.io import load_checkpoint, random_state, restore_random_state, save_checkpoint
 
 LR_SCHEDULES = ("cosine", "constant")
 StepFn = Callable[[int, torch.Generator], tuple[Tensor, dict[str, float]]]
@@ -109,13 +109,13 @@ def run(name: str, *, steps: int, params: list[nn.Parameter], step_fn: StepFn, c
             obj.load_state_dict(state["saved"][key])
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["step"]
-        torch.set_rng_state(state["rng"])
+        restore_random_state(state["rng"])
 
     def checkpoint(step: int) -> None:
         if ckpt is not None:
             save_checkpoint(ckpt, {"step": step, "config": config, "history": history,
                                    "saved": {k: v.state_dict() for k, v in saved.items()},
-                                   "optimizer": opt.state_dict(), "rng": torch.get_rng_state()})
+                                   "optimizer": opt.state_dict(), "rng": random_state()})
 
     sums: dict[str, float] = {}
     count = 0
