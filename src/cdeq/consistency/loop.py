@@ -2,7 +2,8 @@
 
 AdamW with gradient clipping, a warm-up + cosine (or constant) learning rate, a tqdm progress bar,
 a per-step random generator derived from (seed, step) so that a resumed run draws the same batches,
-the global random stream (dropout) seeded at the start and restored on resume, and atomic checkpoints (:func:`cdeq.io.save_checkpoint`, loaded with ``weights_only=True``) every
+torch's global random stream (dropout) seeded at the start and restored on resume, and atomic
+checkpoints (:func:`cdeq.io.save_checkpoint`, loaded with ``weights_only=True``) every
 ``checkpoint_every`` steps; a run killed part-way resumes from its last checkpoint.
 """
 from __future__ import annotations
