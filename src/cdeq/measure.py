@@ -134,4 +134,3 @@ def student_latency(student: ConsistencyDEQ, teacher: Any, x: Any, budgets: list
     return {str(k): {"cdeq_ms": statistics.median(times[f"cdeq{k}"]), "bare_ms": statistics.median(times[f"bare{k}"]),
                      "ratio": statistics.median(c / b for c, b in zip(times[f"cdeq{k}"], times[f"bare{k}"]))}
             for k in budgets}
-

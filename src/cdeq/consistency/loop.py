@@ -47,11 +47,9 @@ class OptimConfig:
             raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: expected a positive norm or None, got {self.grad_clip}")
-        for name in ("checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup: expected an int >= 0, got {self.warmup}")
+        check_int("checkpoint_every", self.checkpoint_every, 1)
+        check_int("log_every", self.log_every, 1)
+        check_int("warmup", self.warmup, 0)
 
 
 def optim_config(lr: float, checkpoint_dir: Any, resume: bool, seed: int, options: dict) -> OptimConfig:

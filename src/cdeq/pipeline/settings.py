@@ -109,19 +109,17 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
     return text
 
 
-TRAJ_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
 def check_settings(s: dict[str, Any]) -> None:
     """Raise a ValueError naming the first resolved setting that is out of range, so a bad
     ``--set`` fails before the first stage rather than an hour into the run."""
     from cdeq.consistency.distill import check_loss_settings
     from cdeq.consistency.schedule import TimeSchedule
     from cdeq.consistency.student import INITS
+    from cdeq.consistency.trajectories import STORAGE_DTYPES
 
     check_choice("teacher_preset", s["teacher_preset"], ("tiny", "cpu", "gpu"))
     check_choice("student_init", s["student_init"], INITS)
-    check_choice("traj_dtype", s["traj_dtype"], TRAJ_DTYPES)
+    check_choice("traj_dtype", s["traj_dtype"], [name for name in STORAGE_DTYPES if name is not None])
     for name in ("traj_steps", "anderson_m", "distill_steps", "distill_batch_size", "hyper_steps", "direct_steps",
                  "time_repeats"):
         check_int(name, s[name], 1)
