@@ -100,3 +100,15 @@ def test_config_applies_its_norm():
     assert layer.__dict__["_cdeq_norm"].clip == 0.5
     plain = cdeq.DEQConfig(norm_type="none").apply_norm(nn.Linear(3, 3))
     assert isinstance(plain.weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e300, 10 ** 400])
+def test_check_number_rejects_values_that_are_not_finite(value):
+    from cdeq.config import check_number
+
+    for kw in ({}, {"low_open": True}, {"high": float("inf"), "high_open": True}):
+        with pytest.raises(ValueError, match=r"^rollout_weight: expected a finite number in .*got "):
+            check_number("rollout_weight", value, 0.0, **kw)
+    with pytest.raises(ValueError, match="f_tol: expected a finite number"):
+        cdeq.DEQConfig(f_tol=value)
+    check_number("rollout_weight", 3.0e38, 0.0)  # float32's range is still accepted

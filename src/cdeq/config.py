@@ -67,12 +67,19 @@ def check_int(name: str, value: Any, low: int) -> None:
 
 def check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
                  high_open: bool = False) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is a real number in the interval."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    """Raise a ValueError naming ``name`` unless ``value`` is a finite real number in the interval.
+
+    Finite means within float32's range: a larger setting becomes inf in the float32 tensors it scales.
+    """
+    float32_max = 3.4028234663852886e38
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    finite = real and abs(value) <= float32_max  # False for NaN too
+    ok = finite and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
+        what = "a finite number" if real and not finite else "a number"
+        limit = f" (at most {float32_max:.4g} in magnitude, float32's largest)" if real and not finite else ""
+        raise ValueError(f"{name}: expected {what} in {interval}{limit}, got {value!r}")
 
 
 def check_bool(name: str, value: Any) -> None:
