@@ -97,7 +97,7 @@ def test_unroll_command_line_with_checkpointing():
 def test_config_applies_its_norm():
     layer = cdeq.DEQConfig(norm_type="spectral", norm_clip=0.5, norm_scale=False).apply_norm(nn.Linear(3, 3))
     assert hasattr(layer, "weight_u") and "weight_g" in dict(layer.named_buffers())
-    assert layer.__dict__["_cdeq_norm"].clip == 0.5
+    assert layer.__dict__["_cdeq_norm"]["weight"].clip == 0.5
     plain = cdeq.DEQConfig(norm_type="none").apply_norm(nn.Linear(3, 3))
     assert isinstance(plain.weight, nn.Parameter)
 
@@ -112,3 +112,15 @@ def test_check_number_rejects_values_that_are_not_finite(value):
     with pytest.raises(ValueError, match="f_tol: expected a finite number"):
         cdeq.DEQConfig(f_tol=value)
     check_number("rollout_weight", 3.0e38, 0.0)  # float32's range is still accepted
+
+
+def test_n_states_beyond_the_solver_steps_is_an_error():
+    with pytest.raises(ValueError, match=r"--n_states 2 with --f_max_iter 0: .* at most 0 distinct ones exist"):
+        parse("--f_max_iter 0 --grad 3 --n_states 2")
+    assert parse("--f_max_iter 3 --n_states 3").return_steps == (1, 2, 3)
+
+
+def test_per_sample_is_a_validated_deq_option():
+    assert cdeq.DEQ(per_sample=False).config.per_sample is False
+    with pytest.raises(ValueError, match="per_sample: expected True or False, got 'no'"):
+        cdeq.DEQConfig(per_sample="no")

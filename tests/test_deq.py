@@ -265,6 +265,8 @@ def test_phantom_returned_states_are_advanced_and_differentiable():
 class ToyDEQ(cdeq.DEQModel):
     """inject -> tanh layer -> readout, with weight-normalised layer weights."""
 
+    feature_dim = -1
+
     def __init__(self):
         super().__init__()
         self.encoder = torch.nn.Linear(3, 4).double()
@@ -295,3 +297,31 @@ def test_gradients_reach_every_parameter_of_a_deq_model():
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert {"mix.weight_v", "mix.weight_g"} <= {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom", "unroll"])
+def test_info_states_end_with_the_final_state(backward):
+    """return_steps "all", or steps ending at (or past) the last solver step, end info.states with the
+    state the solve returned (for phantom, advanced by the same phantom steps as z)."""
+    f, _, _ = problem(seed=9)
+    kw = dict(f_solver="fixed_point", f_max_iter=12, f_tol=1e-6, backward=backward)
+    for steps in ("all", [2, 12]):
+        z, info = cdeq.DEQ(**kw)(f, torch.zeros(3, 5, dtype=F64), return_steps=steps)
+        assert info.nfe < 12 or steps == "all"
+        assert torch.allclose(info.states[-1], z, atol=1e-12), (steps, backward)
+
+
+def test_per_sample_false_reaches_the_deq_and_its_backward():
+    g = torch.Generator().manual_seed(3)
+    W = (0.3 * torch.randn(4, 4, generator=g, dtype=F64)).requires_grad_()
+    A = 0.2 * torch.randn(6, 6, generator=g, dtype=F64)
+    b = torch.randn(4, 6, generator=g, dtype=F64)
+    b[0] = 0
+    f = lambda z: torch.tanh(W @ z @ A + b)  # noqa: E731  rows coupled: dim 0 is not a batch
+    deq = cdeq.DEQ(f_solver="anderson", f_max_iter=60, f_tol=1e-10, b_max_iter=60, b_tol=1e-10, per_sample=False)
+    z, info = deq(f, torch.zeros(4, 6, dtype=F64))
+    assert info.converged.all() and torch.allclose(z, f(z), atol=1e-8)
+    z.sum().backward()
+    assert info.backward_residual.max() <= 1e-10
+    with pytest.warns(RuntimeWarning, match="Per-sample stopping assumes independent batch rows"):
+        cdeq.DEQ(f_solver="anderson", f_max_iter=60, f_tol=1e-10)(f, torch.zeros(4, 6, dtype=F64))

@@ -154,7 +154,7 @@ def test_deq_transformer_is_causal_and_contractive():
     assert _spectral_radius(model, x) < 1.0
 
 
-def test_truncated_solve_is_exactly_k_layer_calls():
+def test_truncated_solve_is_exactly_nfe_layer_calls():
     model = _tiny_lm().eval()
     x = torch.randint(0, 50, (2, 10))
     with torch.no_grad():
@@ -214,3 +214,31 @@ def test_cpu_presets_match_parameter_counts():
     for a, b in ((lm, tr), (mdeq, res), (ignn, gcn)):
         na, nb = models.num_parameters(a), models.num_parameters(b)
         assert abs(na - nb) / na < 0.1, (type(a).__name__, na, type(b).__name__, nb)
+
+
+def test_a_deq_model_must_declare_feature_dim():
+    class Forgetful(models.DEQModel):
+        def __init__(self):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="Forgetful: a DEQModel must declare feature_dim"):
+        Forgetful()
+
+    class InInit(models.DEQModel):
+        def __init__(self):
+            super().__init__()
+            self.feature_dim = 1
+
+    assert InInit().feature_dim == 1
+
+
+def test_truncated_solve_budget_is_nfe_and_k_is_deprecated():
+    model = _tiny_lm().eval()
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        z, info = model.truncated_solve(x, nfe=2, solver="fixed_point")
+        with pytest.warns(DeprecationWarning, match=r"truncated_solve\(k=...\) is deprecated: the budget is called nfe"):
+            z_old, info_old = model.truncated_solve(x, k=2, solver="fixed_point")
+    assert info.nfe == info_old.nfe == 2 and torch.equal(z, z_old)
+    with pytest.raises(TypeError, match="give nfe .k is its deprecated name., not both"):
+        model.truncated_solve(x, 2, k=2)

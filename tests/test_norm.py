@@ -160,3 +160,35 @@ def test_deepcopy_of_a_normalised_module_after_a_forward_with_grad():
     assert layer.weight_v.grad is not None and twin.weight_v.grad is None
     cdeq.remove_norm(twin)
     assert type(twin) is nn.Linear and type(layer).__name__ == "Linear" and type(layer) is not nn.Linear
+
+
+class Kernel(nn.Module):
+    """A module whose linear map is a parameter named ``kernel``, outputs along its dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(5, 3, dtype=F64))
+
+    def forward(self, x):
+        return x @ self.kernel
+
+
+def test_rules_and_registered_modules_normalise_named_parameters_along_their_dim():
+    torch.manual_seed(1)
+    net = nn.Sequential(Kernel(), nn.Linear(3, 3).double())
+    x = torch.randn(2, 5, dtype=F64)
+    cdeq.apply_norm(net, kind="weight_norm", scale=False, target_norm=2.0, rules={Kernel: ("kernel", 1)})
+    assert {n for n, _ in net.named_parameters()} == {"0.kernel_v", "1.weight", "1.bias"}
+    assert torch.allclose(net[0].kernel.norm(dim=0), torch.full((3,), 2.0, dtype=F64))
+    cdeq.remove_norm(net)
+    assert isinstance(net[0].kernel, nn.Parameter) and net(x).shape == (2, 3)
+    norm_module.register_norm_module(Kernel, "kernel", 1)
+    try:
+        layer = cdeq.apply_norm(Kernel(), kind="spectral", power_iters=3)
+        assert layer.kernel_g.shape == (1,) and layer.__dict__["_cdeq_norm"]["kernel"].power_iters == 3
+    finally:
+        norm_module._RULES.pop(Kernel)
+    with pytest.raises(ValueError, match=r"module '0' \(Kernel\) has no parameter 'weight' to normalise"):
+        cdeq.apply_norm(nn.Sequential(Kernel()), rules={Kernel: ("weight", 0)})
+    with pytest.raises(ValueError, match="power_iters: expected an int >= 1, got 0"):
+        cdeq.apply_norm(nn.Linear(2, 2), kind="spectral", power_iters=0)

@@ -355,3 +355,53 @@ def test_anderson_stays_at_an_exact_fixed_point(dtype, lam):
     z, info = cdeq.solve(lambda z: z.clone(), z0, solver="anderson", max_iter=8, tol=0, lam=lam)
     torch.testing.assert_close(z, z0)  # equal weights on equal iterates: equal up to rounding
     assert info.nfe == 8 and not info.diverged.any() and bool(info.converged.all())
+
+
+def coupled_rows_problem():
+    """A state (hidden, nodes) whose dim 0 is not a batch: f mixes the rows (W on the left), and
+    row 0 has f(0) = 0, so it meets tol at the first step although the fixed point is not 0 there."""
+    g = torch.Generator().manual_seed(3)
+    W = 0.3 * torch.randn(4, 4, generator=g, dtype=torch.float64)
+    A = 0.2 * torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    b[0] = 0
+    return lambda z: torch.tanh(W @ z @ A + b)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_coupled_rows_warn_and_per_sample_false_stops_on_the_whole_batch(solver):
+    f = coupled_rows_problem()
+    z0 = torch.zeros(4, 6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"sample\(s\) \[0\] met tol=1e-08 .* Per-sample stopping assumes "
+                                            r"independent batch rows.*per_sample=False"):
+        _, info = cdeq.solve(f, z0, solver=solver, max_iter=100, tol=1e-8)
+    assert info.met_tol[0] and not info.converged[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, info = cdeq.solve(f, z0, solver=solver, max_iter=100, tol=1e-8, per_sample=False)
+    assert info.converged.all() and (info.steps == info.nfe).all()
+    assert torch.allclose(z, f(z), atol=1e-7)
+
+
+def test_per_sample_false_needs_a_solver_that_takes_it():
+    def plain(f, z0, *, max_iter, tol, stop_mode, return_states, trace):
+        return f(z0), cdeq.SolverInfo(nfe=1)
+
+    cdeq.register_solver("plain_no_per_sample", plain)
+    try:
+        with pytest.raises(ValueError, match="per_sample=False: solver 'plain_no_per_sample' does not take"):
+            cdeq.solve(lambda z: z, torch.zeros(2, 3), solver="plain_no_per_sample", per_sample=False)
+        with pytest.raises(ValueError, match="per_sample: expected True or False, got 0"):
+            cdeq.solve(lambda z: z, torch.zeros(2, 3), per_sample=0)
+    finally:
+        base._REGISTRY.pop("plain_no_per_sample")
+
+
+def test_torchdeq_solver_names_and_a_zero_budget():
+    f, z_star = linear_problem(N=10, rho=0.5)
+    z, info = cdeq.solve(f, torch.zeros(3, 10, dtype=torch.float64), solver="fixed_point_iter", max_iter=200,
+                         tol=1e-12, trace=True)
+    assert torch.allclose(z, z_star, atol=1e-10)
+    assert info.abs_trace.shape == info.trace.shape == (info.nfe, 3)
+    with pytest.raises(ValueError, match=r"max_iter: expected an int >= 1 .* use cdeq.DEQ\(f_max_iter=0\)"):
+        cdeq.solve(f, torch.zeros(3, 10, dtype=torch.float64), max_iter=0)

@@ -115,6 +115,9 @@ class DEQConfig:
             linear system (Eq. 3).
         phantom_steps, tau: the k damped steps z <- tau f(z) + (1 - tau) z of Eq. 5; tau is also
             the damping of the unrolled steps.
+        per_sample: stop each sample once it meets its tolerance (True), or iterate the whole
+            batch until every sample has (False: for states whose dim 0 is not a batch, e.g. a
+            graph's ``(hidden, nodes)``); both the forward and the implicit backward solve.
         return_steps: solver steps whose states a training forward returns in ``info.states``.
     Training recipe:
         norm_type ("weight" | "spectral" | "none"), norm_scale, norm_clip: :func:`cdeq.apply_norm`.
@@ -146,6 +149,7 @@ class DEQConfig:
     phantom_steps: int = 1
     tau: float = 1.0
     checkpoint: bool = False
+    per_sample: bool = True
     return_steps: Optional[tuple] = None
     norm_type: str = "weight"
     norm_scale: bool = True
@@ -188,6 +192,7 @@ class DEQConfig:
         _kwargs("f_options", self.f_options)
         _kwargs("b_options", self.b_options)
         check_bool("checkpoint", self.checkpoint)
+        check_bool("per_sample", self.per_sample)
         check_bool("norm_scale", self.norm_scale)
         self.norm_type = check_choice("norm_type", NORM_ALIASES.get(self.norm_type, self.norm_type), NORM_TYPES)
         if self.norm_clip is not None:
@@ -220,6 +225,11 @@ class DEQConfig:
         elif args.n_states:
             check_int("--n_states", args.n_states, 0)
             n = args.n_states
+            if n > args.f_max_iter:
+                raise ValueError(
+                    f"--n_states {n} with --f_max_iter {args.f_max_iter}: the states are spread over the solver's "
+                    f"steps, so at most {args.f_max_iter} distinct ones exist; give --n_states <= --f_max_iter "
+                    "(with --f_max_iter 0 the DEQ returns z0 advanced by the phantom steps: no --n_states)")
             return_steps = tuple(round(args.f_max_iter * (i + 1) / n) for i in range(n))
         ift = args.ift or args.hook_ift
         backward = args.backward or ("implicit" if ift else "phantom")

@@ -43,7 +43,7 @@ class DEQ(nn.Module):
     Options are those of :class:`cdeq.DEQConfig` that configure the solve and the backward
     (``f_solver``, ``f_max_iter``, ``f_tol``, ``f_stop_mode``, ``f_options``, ``eval_max_iter``,
     ``backward``, ``b_solver``, ``b_max_iter``, ``b_tol``, ``b_stop_mode``, ``b_options``,
-    ``phantom_steps``, ``tau``, ``checkpoint``, ``return_steps``); an unknown one is an error
+    ``phantom_steps``, ``tau``, ``checkpoint``, ``per_sample``, ``return_steps``); an unknown one is an error
     listing the valid ones. The settings are in ``deq.config``.
 
     Example:
@@ -123,7 +123,7 @@ class DEQ(nn.Module):
         if not torch.is_grad_enabled():
             return z_star, info
         z = implicit_backward(f, z_star, info, solver=cfg.b_solver, max_iter=cfg.b_max_iter, tol=cfg.b_tol,
-                              stop_mode=cfg.b_stop_mode, options=cfg.b_options)
+                              stop_mode=cfg.b_stop_mode, options={**cfg.b_options, "per_sample": cfg.per_sample})
         if info.states is not None:
             info.states = [straight_through(s, phantom_steps(f, s, cfg.phantom_steps, cfg.tau)) for s in info.states]
         return z, info
@@ -139,7 +139,8 @@ class DEQ(nn.Module):
                                          return_states=return_steps, trace=trace)
         else:
             z, info = solve(f, z0, solver=self._f_solver(), max_iter=max_iter, tol=cfg.f_tol,
-                            stop_mode=cfg.f_stop_mode, return_states=return_steps, trace=trace, **cfg.f_options)
+                            stop_mode=cfg.f_stop_mode, return_states=return_steps, trace=trace,
+                            per_sample=cfg.per_sample, **cfg.f_options)
         return z, _deq_info(info)
 
 

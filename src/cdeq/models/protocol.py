@@ -14,7 +14,8 @@ batch is one graph: states are ``(1, num_nodes, dim)``.
 """
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,19 +23,34 @@ from torch import Tensor, nn
 from cdeq.state import State, map_state
 
 
-class DEQModel(nn.Module):
+class _DeclaresFeatureDim(type(nn.Module)):
+    """Checks, once a DEQModel is constructed, that its class or ``__init__`` set ``feature_dim``."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        model = super().__call__(*args, **kwargs)
+        dim = getattr(model, "feature_dim", None)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(
+                f"{cls.__name__}: a DEQModel must declare feature_dim, the dimension of its state parts that "
+                "holds features (1 for (B, C, H, W) maps, -1 for (B, L, d) tokens and (1, N, d) graph nodes), as "
+                f"a class attribute or in __init__; got {dim!r}")
+        return model
+
+
+class DEQModel(nn.Module, metaclass=_DeclaresFeatureDim):
     """Base class of the DEQ models: the protocol plus a default forward pass.
 
-    Subclasses implement :meth:`inject`, :meth:`layer` and :meth:`readout`, and set
+    Subclasses implement :meth:`inject`, :meth:`layer` and :meth:`readout`, and must declare
     ``feature_dim``: the dimension of every state part that holds features (1 for ``(B, C, H, W)``
     maps, -1 for ``(B, L, d)`` tokens and ``(1, N, d)`` graph nodes). The C-DEQ student uses it to
-    append its time channel (Eq. 8).
+    append its time channel (Eq. 8); there is no default, so a model that forgets it fails at
+    construction (a wrong default would put the time channel along, e.g., the image width).
 
     ``self.deq`` (a :class:`cdeq.DEQ`) solves for the fixed point in :meth:`forward`; set it with
     :meth:`set_deq` or in the constructor.
     """
 
-    feature_dim: int = -1
+    feature_dim: int
 
     def inject(self, x: Any) -> Any:
         raise NotImplementedError
@@ -62,15 +78,24 @@ class DEQModel(nn.Module):
         z, info = self.deq(lambda z: self.layer(z, u), z0, **deq_kwargs)
         return self.readout(z), info
 
-    def truncated_solve(self, x: Any, k: int, solver: str = "anderson", check_residual: bool = True,
-                        **options: Any):
-        """The solver's k-th iterate from ``init_state``: exactly k calls of the layer, no tolerance
-        (the "DEQ" rows of the C-DEQ paper's tables). Returns ``(z_k, info)``; ``options`` go to
-        :func:`cdeq.solve` (e.g. ``m`` for Anderson)."""
+    def truncated_solve(self, x: Any, nfe: Optional[int] = None, solver: str = "anderson",
+                        check_residual: bool = True, *, k: Optional[int] = None, **options: Any):
+        """The solver's iterate after ``nfe`` calls of the layer from ``init_state``, no tolerance
+        (the "DEQ" rows of the C-DEQ paper's tables). Returns ``(z, info)``; ``options`` go to
+        :func:`cdeq.solve` (e.g. ``m`` for Anderson). ``k=`` is the old name of ``nfe``
+        (deprecated)."""
         from cdeq.solvers import solve
 
+        if k is not None:
+            if nfe is not None:
+                raise TypeError("truncated_solve: give nfe (k is its deprecated name), not both")
+            warnings.warn("truncated_solve(k=...) is deprecated: the budget is called nfe, as everywhere in cdeq",
+                          DeprecationWarning, stacklevel=2)
+            nfe = k
+        if nfe is None:
+            raise TypeError("truncated_solve: missing the budget nfe (number of layer calls)")
         u = self.inject(x)
-        return solve(lambda z: self.layer(z, u), self.init_state(u), solver=solver, max_iter=k, tol=0.0,
+        return solve(lambda z: self.layer(z, u), self.init_state(u), solver=solver, max_iter=nfe, tol=0.0,
                      check_residual=check_residual, **options)
 
 

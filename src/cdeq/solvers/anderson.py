@@ -76,7 +76,8 @@ class _Span:
 
 
 def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
-             trace: bool, m: int = 5, tau: float = 1.0, lam: float = 1e-4) -> tuple[Tensor, SolverInfo]:
+             trace: bool, m: int = 5, tau: float = 1.0, lam: float = 1e-4,
+             per_sample: bool = True) -> tuple[Tensor, SolverInfo]:
     """Anderson acceleration on flat ``(B, N)`` states; ``m`` history size, ``tau`` damping (beta of
     C-DEQ Eq. 12), ``lam`` regularisation relative to the residuals' squared norms."""
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -84,7 +85,8 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     check_tau(tau)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
         raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
-    mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace)
+    mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace,
+                  per_sample=per_sample)
     B, N = z0.shape
     dtype, m = z0.dtype, min(m, max_iter)
     work = torch.float64 if dtype == torch.float64 else torch.float32

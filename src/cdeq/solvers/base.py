@@ -16,12 +16,15 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from cdeq.config import SOLVER_ALIASES
 from cdeq.state import State, StateLayout, batch_norm2
 
 FlatFn = Callable[[Tensor], Tensor]
 ReturnStates = Union[None, str, Sequence[int]]
 
 STANDARD_ARGS = ("max_iter", "tol", "stop_mode", "return_states", "trace")
+# Passed to a solver only when it takes it (the built-in ones do); per_sample=False needs it.
+PER_SAMPLE = "per_sample"
 STOP_MODES = ("rel", "abs")
 # A sample whose residual grows this many times above its initial residual is marked diverged.
 DIVERGENCE_RATIO = 1e4
@@ -50,10 +53,13 @@ class SolverInfo:
     diverged: Optional[Tensor] = None
     trace: Optional[Tensor] = None
     states: Optional[list] = None
+    abs_trace: Optional[Tensor] = None
+    met_tol: Optional[Tensor] = None
 
 
 _REGISTRY: dict[str, Callable[..., tuple[Tensor, SolverInfo]]] = {}
 _OPTIONS: dict[str, Optional[list[str]]] = {}  # each solver's option names, read once at registration
+_PER_SAMPLE: dict[str, bool] = {}  # whether the solver takes per_sample
 
 
 def _option_names(fn: Callable) -> Optional[list[str]]:
@@ -61,7 +67,8 @@ def _option_names(fn: Callable) -> Optional[list[str]]:
     params = inspect.signature(fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in STANDARD_ARGS]
+    return [p.name for p in params
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in STANDARD_ARGS + (PER_SAMPLE,)]
 
 
 def register_solver(name: str, fn: Callable[..., tuple[Tensor, SolverInfo]], *, overwrite: bool = False) -> None:
@@ -70,7 +77,8 @@ def register_solver(name: str, fn: Callable[..., tuple[Tensor, SolverInfo]], *, 
     ``fn(f_flat, z0_flat, *, max_iter, tol, stop_mode, return_states, trace, **options)`` works on
     flat ``(B, N)`` tensors and returns ``(z_flat, SolverInfo)``; ``return_states`` reaches it as
     None, ``"all"`` or a tuple of ints. Its keyword-only parameters beyond those are its options;
-    ``solve`` rejects any other option unless ``fn`` takes ``**options``.
+    ``solve`` rejects any other option unless ``fn`` takes ``**options``. A solver that takes
+    ``per_sample`` (bool) gets it, and must then stop on the whole batch when it is False.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_solver: name must be a non-empty string, got {name!r}")
@@ -85,6 +93,7 @@ def register_solver(name: str, fn: Callable[..., tuple[Tensor, SolverInfo]], *, 
         raise ValueError(f"register_solver: a solver named {name!r} exists; pass overwrite=True to replace it")
     _REGISTRY[name] = fn
     _OPTIONS[name] = _option_names(fn)
+    _PER_SAMPLE[name] = takes_kwargs or PER_SAMPLE in params
 
 
 def available_solvers() -> list[str]:
@@ -93,15 +102,22 @@ def available_solvers() -> list[str]:
 
 
 def _check_arguments(solver: str, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
-                     trace: bool, options: dict) -> tuple[Callable, ReturnStates]:
+                     trace: bool, per_sample: bool, options: dict) -> tuple[Callable, ReturnStates]:
     if solver not in _REGISTRY:
-        raise ValueError(f"solver: unknown solver {solver!r}; valid solvers: {available_solvers()}")
+        raise ValueError(f"solver: unknown solver {solver!r}; valid solvers: {available_solvers()} "
+                         f"(TorchDEQ's names are accepted too: {sorted(SOLVER_ALIASES)})")
     fn, valid = _REGISTRY[solver], _OPTIONS[solver]
+    if not isinstance(per_sample, bool):
+        raise ValueError(f"per_sample: expected True or False, got {per_sample!r}")
+    if not per_sample and not _PER_SAMPLE[solver]:
+        raise ValueError(f"per_sample=False: solver {solver!r} does not take per_sample, so it cannot stop "
+                         "on the whole batch")
     unknown = sorted(set(options) - set(valid)) if valid is not None else []
     if unknown:
         raise ValueError(f"solver {solver!r}: unknown option(s) {unknown}; valid options: {valid}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter: expected an int >= 1 (the number of calls of f), got {max_iter!r}")
+        raise ValueError(f"max_iter: expected an int >= 1 (the number of calls of f), got {max_iter!r}; "
+                         "for a budget of 0 (z0 returned as it is) use cdeq.DEQ(f_max_iter=0)")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol < math.inf):
         raise ValueError(f"tol: expected a finite number >= 0 (0 = fixed budget), got {tol!r}")
     if stop_mode not in STOP_MODES:
@@ -133,20 +149,35 @@ class _CountedF:
 
 def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", max_iter: int = 50,
           tol: float = 1e-4, stop_mode: str = "rel", return_states: ReturnStates = None,
-          trace: bool = False, check_residual: bool = True, **options) -> tuple[State, SolverInfo]:
+          trace: bool = False, check_residual: bool = True, per_sample: bool = True,
+          **options) -> tuple[State, SolverInfo]:
     """Find z with f(z) = z, starting from ``z0`` (a tensor or tuple of tensors, batch on dim 0).
 
     ``max_iter`` is the number of calls of ``f``; the returned z after k calls is the k-th iterate.
     Each sample is frozen once its residual (``stop_mode`` "rel" or "abs") meets ``tol``; the solve
-    ends when all have, or after ``max_iter`` calls. ``tol=0`` is a fixed budget with no
-    host-device synchronisation per step. ``return_states="all"`` (or a list of indices) keeps
-    the iterates z_0..z_nfe; indices past ``nfe`` give the final state. ``options`` go to the
-    solver (e.g. ``m``, ``tau``, ``lam`` for Anderson); unknown ones are an error.
+    ends when all have, or after ``max_iter`` calls. That per-sample stopping assumes the rows of
+    dim 0 are independent samples (row i of f(z) depends on row i of z alone); for a state whose
+    dim 0 is not a batch (e.g. a graph's ``(hidden, nodes)``), ``per_sample=False`` iterates every
+    row until all meet ``tol``. ``tol=0`` is a fixed budget with no host-device synchronisation
+    per step. ``return_states="all"`` (or a list of indices) keeps the iterates z_0..z_nfe;
+    indices past ``nfe`` give the final state. ``solver`` takes TorchDEQ's names too
+    ("fixed_point_iter"). ``options`` go to the solver (e.g. ``m``, ``tau``, ``lam`` for
+    Anderson); unknown ones are an error.
     The check call of ``f`` that measures ``info.abs_residual``/``rel_residual`` is not in ``nfe``;
-    ``check_residual=False`` skips it (for timing a budget of exactly ``max_iter`` calls), leaving
-    ``abs_residual``, ``rel_residual`` and ``converged`` as None.
+    a sample that met ``tol`` during the solve but whose returned state fails it warns (coupled
+    rows). ``check_residual=False`` skips the call (for timing a budget of exactly ``max_iter``
+    calls), leaving ``abs_residual``, ``rel_residual`` and ``converged`` as None.
+
+    Example:
+        >>> z, info = solve(lambda z: 0.5 * z + 1, torch.zeros(2, 3), solver="fixed_point_iter", tol=1e-8)
+        >>> bool(info.converged.all()), round(z[0, 0].item(), 6)
+        (True, 2.0)
     """
-    fn, return_states = _check_arguments(solver, max_iter, tol, stop_mode, return_states, trace, options)
+    solver = SOLVER_ALIASES.get(solver, solver) if isinstance(solver, str) else solver
+    fn, return_states = _check_arguments(solver, max_iter, tol, stop_mode, return_states, trace, per_sample,
+                                         options)
+    if _PER_SAMPLE[solver]:
+        options = {**options, PER_SAMPLE: per_sample}
     layout = StateLayout(z0, "z0")
     with torch.no_grad():
         z0_flat = layout.flatten(z0)
@@ -164,11 +195,7 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
         if info.diverged is None:
             info.diverged = torch.zeros(B, dtype=torch.bool, device=z.device)
         if check_residual:
-            fz = f_flat(z)
-            info.abs_residual = batch_norm2(fz - z)
-            info.rel_residual = info.abs_residual / batch_norm2(fz).clamp_min(torch.finfo(torch.float32).tiny)
-            r = info.rel_residual if stop_mode == "rel" else info.abs_residual
-            info.converged = (r <= tol) & ~info.diverged
+            _check_returned(f_flat(z), z, info, solver, float(tol), stop_mode)
         if info.states is not None:
             info.states = [layout.unflatten(s) for s in info.states]
         if bool(info.diverged.any()):
@@ -178,6 +205,34 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
                 f"> {DIVERGENCE_RATIO:g}x its initial value); they are frozen at their last finite iterate",
                 RuntimeWarning, stacklevel=2)
     return layout.unflatten(z), info
+
+
+# Rounding slack of the check: a frozen sample's check residual may differ from the one that met tol
+# by a few ulps of ||f(z)|| (another reduction order), never by a factor of 2.
+_CHECK_SLACK, _CHECK_ULPS = 2.0, 16.0
+
+
+def _check_returned(fz: Tensor, z: Tensor, info: SolverInfo, solver: str, tol: float, stop_mode: str) -> None:
+    """Fill the residual fields of ``info`` from the check call ``fz = f(z)``, and warn about the
+    samples that met ``tol`` during the solve but whose returned state fails it."""
+    info.abs_residual = batch_norm2(fz - z)
+    fz_norm = batch_norm2(fz)
+    info.rel_residual = info.abs_residual / fz_norm.clamp_min(torch.finfo(torch.float32).tiny)
+    r = info.rel_residual if stop_mode == "rel" else info.abs_residual
+    info.converged = (r <= tol) & ~info.diverged
+    if info.met_tol is None or tol == 0:
+        return
+    scale = fz_norm if stop_mode == "rel" else torch.ones_like(fz_norm)
+    limit = _CHECK_SLACK * tol * scale + _CHECK_ULPS * torch.finfo(z.dtype).eps * fz_norm
+    failed = info.met_tol & (info.abs_residual > limit)
+    if bool(failed.any()):
+        bad = torch.nonzero(failed).flatten().tolist()
+        warnings.warn(
+            f"cdeq.solve(solver={solver!r}): sample(s) {bad} met tol={tol:g} ({stop_mode}) during the solve and "
+            f"were frozen there, but the returned state fails it (residual(s) "
+            f"{[round(float(x), 6) for x in r[failed][:5]]}). Per-sample stopping assumes independent batch "
+            "rows (row i of f(z) depends only on row i of z); for a state whose dim 0 is not a batch, pass "
+            "per_sample=False to stop on the whole batch", RuntimeWarning, stacklevel=3)
 
 
 def vector_norm(x: Tensor) -> Tensor:
@@ -196,20 +251,21 @@ class Monitor:
 
     Each step a solver calls :meth:`observe` after the k-th call of ``f`` with the residual of
     z_{k-1} and gets the ``(B, 1)`` mask of samples whose iterate may advance to z_k (the others
-    are frozen at z_{k-1}: it met tol, or diverged, now or before); it computes the step for the
-    whole batch, lets :meth:`select` keep the frozen samples' old iterates, calls :meth:`record`
+    are frozen at z_{k-1}: it met tol, or diverged, now or before; with ``per_sample=False`` no
+    sample freezes for meeting tol until all have); it computes the step for the whole batch, lets :meth:`select` keep the frozen samples' old iterates, calls :meth:`record`
     with z_k and stops when :meth:`done` says so. A handful of tiny ops per step; ``steps`` and
     ``diverged`` are derived once in :meth:`finish`.
     """
 
     def __init__(self, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str,
-                 return_states: ReturnStates, trace: bool) -> None:
+                 return_states: ReturnStates, trace: bool, per_sample: bool = True) -> None:
         B, dev = z0.shape[0], z0.device
-        self.tol, self.stop_abs = tol, stop_mode == "abs"
+        self.tol, self.stop_abs, self.per_sample = tol, stop_mode == "abs", per_sample
         self.active = torch.ones(B, dtype=torch.bool, device=dev)
         self.healthy = torch.ones(B, dtype=torch.bool, device=dev)  # never non-finite or far above r0
         self.count = torch.zeros(B, dtype=torch.long, device=dev)  # NFE while active
         self.trace = torch.empty(max_iter, B, device=dev) if trace else None
+        self.abs_trace = torch.empty(max_iter, B, device=dev) if trace else None
         self.keep_all = return_states == "all"
         self.keep = set() if return_states is None or self.keep_all else set(return_states)
         self.requested = return_states
@@ -233,6 +289,7 @@ class Monitor:
             rel = abs_r / fz_norm.clamp_min(torch.finfo(torch.float32).tiny)
             if self.trace is not None:
                 self.trace[k - 1] = rel
+                self.abs_trace[k - 1] = abs_r
         if self.limit is None:  # residual above this (or NaN) = diverged; none if r0 = 0 or non-finite
             big = torch.finfo(abs_r.dtype).max
             self.limit = torch.where(abs_r > 0, DIVERGENCE_RATIO * abs_r, big).clamp(max=big)
@@ -240,7 +297,8 @@ class Monitor:
         if not self.fixed_budget:
             self.count += self.active
             self.active &= self.healthy
-            self.active &= (abs_r if self.stop_abs else rel) > self.tol
+            above = (abs_r if self.stop_abs else rel) > self.tol
+            self.active &= above if self.per_sample else above.any()
         return self.advance
 
     def select(self, new: Tensor, old: Tensor) -> Tensor:
@@ -276,4 +334,6 @@ class Monitor:
         else:
             states = [self.states[k] if k in self.states else z.clone() for k in self.requested]
         trace = self.trace[:nfe] if self.trace is not None else None
-        return SolverInfo(nfe=nfe, steps=steps, diverged=~self.healthy, trace=trace, states=states)
+        abs_trace = self.abs_trace[:nfe] if self.abs_trace is not None else None
+        return SolverInfo(nfe=nfe, steps=steps, diverged=~self.healthy, trace=trace, states=states,
+                          abs_trace=abs_trace, met_tol=met_tol if not self.fixed_budget else None)

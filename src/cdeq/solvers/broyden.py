@@ -22,13 +22,14 @@ def _low_rank(A: Tensor, C: Tensor, x: Tensor) -> Tensor:
 
 
 def broyden(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
-            trace: bool, m: int = 8) -> tuple[Tensor, SolverInfo]:
+            trace: bool, m: int = 8, per_sample: bool = True) -> tuple[Tensor, SolverInfo]:
     """Broyden's method on flat ``(B, N)`` states keeping the last ``m`` rank-one updates."""
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m: expected an int >= 1 (number of low-rank updates kept), got {m!r}")
     dtype = z0.dtype
     work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace)
+    mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace,
+                  per_sample=per_sample)
     B, N = z0.shape
     U = z0.new_zeros(B, m, N, dtype=work)
     V = z0.new_zeros(B, m, N, dtype=work)

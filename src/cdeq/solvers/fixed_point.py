@@ -14,10 +14,12 @@ def check_tau(tau: float) -> None:
 
 
 def fixed_point(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str,
-                return_states: ReturnStates, trace: bool, tau: float = 1.0) -> tuple[Tensor, SolverInfo]:
+                return_states: ReturnStates, trace: bool, tau: float = 1.0,
+                per_sample: bool = True) -> tuple[Tensor, SolverInfo]:
     """Fixed-point iteration on flat ``(B, N)`` states; with ``tau=1`` z_k = f^k(z_0) exactly."""
     check_tau(tau)
-    mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace)
+    mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace,
+                  per_sample=per_sample)
     z, k = z0, 0
     while k < max_iter:
         fz = f(z)
