@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 
 import pytest
 import torch
 from safetensors import safe_open
-from test_consistency import ToyDEQ, ToyTupleDEQ, toy_batches
+from torch.utils.data import DataLoader, TensorDataset
 
 import cdeq
 from cdeq.consistency import trajectories as trajmod
 from cdeq.consistency.trajectories import Trajectories, module_hash, sample_trajectories
+from cdeq.io import ArtefactWarning, CorruptArtefactError
+from conftest import ToyDEQ, ToyTupleDEQ, toy_batches
 
 
 def test_round_trip_matches_the_solver(tmp_path):
@@ -151,3 +155,115 @@ def test_gaussian_z0_is_seeded():
     z0 = a.states(0, None, 0)
     assert z0.abs().sum() > 0 and torch.equal(z0, b.states(0, None, 0))
     assert not torch.equal(z0, c.states(0, None, 0))
+
+
+# -- integrity (issue 20) ----------------------------------------------------------------------------
+def _stamps(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_a_complete_cache_is_reused_only_for_the_same_inputs_in_the_same_order(tmp_path):
+    teacher = ToyDEQ()
+    batches = toy_batches(teacher, n=48, batch=16)
+    sample_trajectories(teacher, batches, steps=3, cache_dir=tmp_path)
+    stamps = _stamps(tmp_path)
+    x, y = batches[0]
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    other = toy_batches(teacher, n=48, batch=16, seed=7)
+    extra = toy_batches(teacher, n=16, batch=16, seed=8)
+    for name, inputs, message in [
+        ("shuffled batches", batches[::-1], "batch 0 differs .*order changed"),
+        ("shuffled rows", [(x[perm], y[perm]), *batches[1:]], "batch 0 differs"),
+        ("swapped labels", [(x, y.roll(1)), *batches[1:]], "batch 0 differs"),
+        ("other inputs", other, "batch 0 differs"),
+        ("fewer inputs", batches[:2], "holds 3 batches, these inputs give 2"),
+        ("more inputs", batches + extra, "holds 3 batches and these inputs give more"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sample_trajectories(teacher, inputs, steps=3, cache_dir=tmp_path)
+    again = sample_trajectories(teacher, batches, steps=3, cache_dir=tmp_path)
+    assert _stamps(tmp_path) == stamps  # same inputs: nothing sampled or written again
+    assert torch.equal(again.inputs(0), x) and len(again) == 48
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero a region", "random bytes", "delete"])
+def test_a_damaged_shard_is_named_and_sampled_again(tmp_path, damage):
+    teacher = ToyDEQ()
+    batches = toy_batches(teacher, n=48, batch=16)
+    fresh = sample_trajectories(teacher, batches, steps=4, cache_dir=tmp_path / "fresh")
+    sample_trajectories(teacher, batches, steps=4, cache_dir=tmp_path)
+    shard = tmp_path / "shard-000001.safetensors"
+    data = shard.read_bytes()
+    damaged = {"truncate": data[: len(data) // 2], "zero a region": data[:-1024] + bytes(512) + data[-512:],
+               "random bytes": os.urandom(len(data)), "delete": None}[damage]
+    shard.unlink() if damaged is None else shard.write_bytes(damaged)
+    with pytest.raises(CorruptArtefactError, match="shard-000001.safetensors: corrupt .*SHA-256 differs"):
+        Trajectories.open(tmp_path)
+    lazy = Trajectories.open(tmp_path, verify=False)
+    assert lazy.bad_shards() == [1] and torch.equal(lazy.states(0, None, 4), fresh.states(0, None, 4))
+    with pytest.raises(CorruptArtefactError, match="shard-000001"):
+        lazy.states(1, [0], 4)
+    kept = (tmp_path / "shard-000000.safetensors").stat().st_mtime_ns
+    with pytest.warns(ArtefactWarning, match="shard-000001.safetensors: SHA-256 differs .*sampling batch 1 again"):
+        sample_trajectories(teacher, batches, steps=4, cache_dir=tmp_path)
+    assert (tmp_path / "shard-000000.safetensors").stat().st_mtime_ns == kept
+    reopened = Trajectories.open(tmp_path)
+    for s in range(3):
+        assert torch.equal(reopened.states(s, None, 4), fresh.states(s, None, 4))
+
+
+def test_non_finite_inputs_or_states_stop_sampling_naming_the_batch(tmp_path):
+    teacher = ToyDEQ()
+    batches = toy_batches(teacher, n=48, batch=16)
+    x, y = batches[1]
+    bad_x = x.clone()
+    bad_x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs: batch 1 holds non-finite values \(NaN or inf\) in row\(s\) \[3\]"):
+        sample_trajectories(teacher, [batches[0], (bad_x, y), batches[2]], steps=3, cache_dir=tmp_path)
+    assert json.loads((tmp_path / "meta.json").read_text())["complete"] is False
+    assert sample_trajectories(teacher, batches, steps=3, cache_dir=tmp_path).num_shards == 3  # resumes
+
+    class Overflowing(ToyDEQ):  # states near 1e6: beyond float16's range
+        def layer(self, z, u):
+            return 1e6 * super().layer(z / 1e6, u)
+
+    with pytest.raises(ValueError, match=r"teacher: its states for batch 0 are not finite .*storage dtype"):
+        sample_trajectories(Overflowing(), batches, steps=3, dtype="float16", cache_dir=tmp_path / "half")
+    assert not json.loads((tmp_path / "half" / "meta.json").read_text())["complete"]
+
+
+def test_a_shuffling_loader_is_warned_about():
+    teacher = ToyDEQ()
+    x, y = toy_batches(teacher, n=32, batch=32)[0]
+    with pytest.warns(UserWarning, match="DataLoader shuffles"):
+        shuffled = sample_trajectories(teacher, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True), steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ordered = sample_trajectories(teacher, DataLoader(TensorDataset(x, y), batch_size=16), steps=2)
+    assert len(shuffled) == len(ordered) == 32
+
+
+def test_older_or_unreadable_manifests_are_sampled_again(tmp_path):
+    teacher = ToyDEQ()
+    batches = toy_batches(teacher, n=32, batch=16)
+    sample_trajectories(teacher, batches, steps=3, cache_dir=tmp_path / "fresh")
+    sample_trajectories(teacher, batches, steps=3, cache_dir=tmp_path)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    old = {k: v for k, v in meta.items() if k not in ("batch_hashes", "shard_sha256", "inputs_hash")}
+
+    def same_cache():  # sampled again to the same bytes
+        assert json.loads((tmp_path / "meta.json").read_text()) == meta
+        assert json.loads((tmp_path / "fresh" / "meta.json").read_text())["shard_sha256"] == meta["shard_sha256"]
+
+    (tmp_path / "meta.json").write_text(json.dumps({**old, "format": 1}))
+    with pytest.warns(ArtefactWarning, match="without shard digests"):
+        assert len(Trajectories.open(tmp_path)) == 32  # still readable, unverified
+    with pytest.warns(UserWarning, match="older cdeq .*sampling it again"):
+        sample_trajectories(teacher, batches, steps=3, cache_dir=tmp_path)
+    same_cache()
+    (tmp_path / "meta.json").write_text('{"format": 2, "comp')
+    with pytest.raises(CorruptArtefactError, match="meta.json: corrupt .*not valid JSON"):
+        Trajectories.open(tmp_path)
+    with pytest.warns(ArtefactWarning, match="meta.json: corrupt"):
+        sample_trajectories(teacher, batches, steps=3, cache_dir=tmp_path)
+    same_cache()

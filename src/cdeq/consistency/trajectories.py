@@ -10,6 +10,12 @@ Augmentation (Eq. 13): the raw states are stored unchanged; the replacement mask
 (z_k <- z_K with probability p_aug for k in [k_min, K - k_tail]) is drawn once at write time,
 per trajectory, and stored beside them. Reads apply it by default (``augmented=True``) and can
 return the raw states (``augmented=False``).
+
+Integrity: the manifest (``meta.json``) keys the cache by the teacher, the settings and a hash of
+every input batch in order, and records each shard's SHA-256. A complete cache is reused only for
+the same inputs in the same order (other inputs are an error), a shard whose digest differs is
+named and sampled again, and reads verify each shard before using it. Non-finite inputs or teacher
+states stop sampling with the batch named, so a cache never holds NaN targets.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import copy
 import hashlib
 import json
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -26,18 +33,19 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from cdeq.io import atomic_write_bytes, atomic_write_json
+from cdeq.io import ArtefactWarning, CorruptArtefactError, atomic_write_bytes, atomic_write_json, sha256_file
 from cdeq.state import State, StateLayout, as_tuple, map_state
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input keys and shard digests in the manifest
+READABLE_FORMATS = (1, 2)
 META_FILE = "meta.json"
 STORAGE_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# Settings that must agree between a cache on disk and the request that reads or extends it.
 # Shards up to this size are held in memory once read (an LRU of MEMORY_SHARDS); larger ones are
 # read state by state from the memory-mapped file.
 MEMORY_SHARD_BYTES = 64 << 20
 MEMORY_SHARDS = 8
-_CHECKED_KEYS = ("format", "teacher_hash", "solver", "solver_options", "steps", "z0", "p_aug", "k_min",
+# Settings that must agree between a cache on disk and the request that reads or extends it.
+_CHECKED_KEYS = ("teacher_hash", "solver", "solver_options", "steps", "z0", "p_aug", "k_min",
                  "k_tail", "dtype", "seed", "time_map")
 
 
@@ -140,24 +148,49 @@ class Trajectories:
         self._memory: "OrderedDict[int, dict[str, Tensor]]" = OrderedDict()
         self.layout_shapes = [tuple(s) for s in meta["state_shapes"]]
         self.is_tuple: bool = meta["state_is_tuple"]
+        self._verified: set[int] = set()
 
     @classmethod
-    def open(cls, root: str | Path, *, teacher: Optional[nn.Module] = None) -> "Trajectories":
-        """Open a complete cache; with ``teacher``, check that it was sampled from that teacher."""
+    def open(cls, root: str | Path, *, teacher: Optional[nn.Module] = None, verify: bool = True) -> "Trajectories":
+        """Open a complete cache; with ``teacher``, check that it was sampled from that teacher.
+
+        ``verify`` checks every shard's SHA-256 now (else each is checked when first read); a
+        damaged shard raises :class:`~cdeq.io.CorruptArtefactError` naming it.
+        """
         root = Path(root)
-        meta_path = root / META_FILE
-        if not meta_path.exists():
+        if not (root / META_FILE).exists():
             raise FileNotFoundError(f"root: no trajectory cache at {root} ({META_FILE} missing)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"root: cache format {meta.get('format')} at {root}, expected {FORMAT_VERSION}")
+        meta = _read_meta(root)
+        if meta.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"root: cache format {meta.get('format')} at {root}, expected one of {READABLE_FORMATS}")
         if not meta.get("complete"):
             raise ValueError(f"root: the cache at {root} is incomplete (sampling was interrupted); "
                              "rerun sample_trajectories with the same arguments to resume it")
+        if "shard_sha256" not in meta:
+            warnings.warn(f"root: the cache at {root} was written by an older cdeq without shard digests; "
+                          "its shards are read unverified", ArtefactWarning, stacklevel=2)
         traj = cls(root, meta)
         if teacher is not None:
             traj.check_teacher(teacher)
+        if verify:
+            bad = traj.bad_shards()
+            if bad:
+                raise CorruptArtefactError(traj._shard_path(bad[0]), _shard_damage(bad))
         return traj
+
+    def bad_shards(self) -> list[int]:
+        """The shards whose SHA-256 differs from the manifest's (or that are missing)."""
+        return [shard for shard in range(self.num_shards) if not self._shard_intact(shard)]
+
+    def _shard_intact(self, shard: int) -> bool:
+        """Check a shard's digest once; a cache without digests (format 1) counts as intact."""
+        digests = self.meta.get("shard_sha256")
+        if shard not in self._verified:
+            path = self._shard_path(shard)
+            if digests is not None and not (path.is_file() and sha256_file(path) == digests[shard]):
+                return False
+            self._verified.add(shard)
+        return True
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -192,6 +225,8 @@ class Trajectories:
         if not 0 <= shard < self.num_shards:
             raise IndexError(f"shard: expected 0 <= shard < {self.num_shards}, got {shard}")
         if shard not in self._handles:
+            if not self._shard_intact(shard):
+                raise CorruptArtefactError(self._shard_path(shard), _shard_damage([shard]))
             self._handles[shard] = safe_open(str(self._shard_path(shard)), framework="pt")
         return self._handles[shard]
 
@@ -200,9 +235,9 @@ class Trajectories:
         if shard in self._memory:
             self._memory.move_to_end(shard)
             return self._memory[shard]
+        h = self._handle(shard)
         if self._shard_path(shard).stat().st_size > MEMORY_SHARD_BYTES:
             return None
-        h = self._handle(shard)
         self._memory[shard] = {name: h.get_tensor(name) for name in h.keys()}
         if len(self._memory) > MEMORY_SHARDS:
             self._memory.popitem(last=False)
@@ -305,6 +340,24 @@ class Trajectories:
         return (total / max(len(self), 1)).tolist()
 
 
+def _read_meta(root: Path) -> dict:
+    """The manifest of the cache at ``root``; unreadable JSON raises CorruptArtefactError."""
+    path = root / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptArtefactError(path, f"not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CorruptArtefactError(path, f"expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _shard_damage(bad: list[int]) -> str:
+    others = f"; {len(bad) - 1} more shard(s) damaged: {bad[1:]}" if len(bad) > 1 else ""
+    return (f"SHA-256 differs from the one in {META_FILE}, or the file is missing{others}; rerun "
+            f"sample_trajectories with the same inputs and settings to sample the damaged shards again")
+
+
 def sample_trajectories(
     teacher: nn.Module,
     inputs: Iterable[Any],
@@ -325,112 +378,224 @@ def sample_trajectories(
     Args:
         teacher: a :class:`~cdeq.models.DEQModel`; a frozen copy in eval mode is solved under
             no_grad (``tol=0``, a fixed budget), so the teacher itself is never changed.
-        inputs: an iterable of batches ``x`` or ``(x, y)``; x a tensor or tuple of tensors. Its
-            order must be the same on a rerun (a shuffling loader cannot be resumed).
+        inputs: an iterable of batches ``x`` or ``(x, y)``; x a tensor or tuple of tensors. The
+            cache is keyed by the batches in order (a shuffling DataLoader is warned about).
         solver, solver_options: the :func:`cdeq.solve` solver and its options (e.g. ``m``, ``tau``).
         z0: ``"zeros"`` (the teacher's ``init_state``, the paper's fixed z_0) or ``"gaussian"``
             (z_0 ~ N(0, I), Algorithm 4 line 1; seeded per batch).
         p_aug, k_min, k_tail: Eq. 13: z_k reads as z_K with probability ``p_aug`` for
             k in [k_min, K - k_tail]; the mask is drawn here, the raw states are kept.
         cache_dir: the cache folder; None uses a temporary folder removed with the returned object.
-            An existing cache is resumed if its settings match and is an error otherwise.
+            A cache with the same settings and inputs is resumed or reused, any other is a
+            ValueError; damaged shards are named (:class:`~cdeq.io.ArtefactWarning`) and resampled.
         dtype: storage dtype of the states: None (the teacher's), "float16" or "bfloat16".
         seed: seeds the Gaussian z_0 and the augmentation masks.
+
+    Raises ValueError naming the batch when its inputs or the teacher's states are not finite.
     """
     _check_sampling_args(steps, z0, p_aug, k_min, k_tail, dtype)
+    _warn_if_shuffled(inputs)
     solver_options = dict(solver_options or {})
-    store_dtype = STORAGE_DTYPES[dtype] if (dtype is None or isinstance(dtype, str)) else dtype
     tmp = None
     if cache_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="cdeq-traj-")
         cache_dir = tmp.name
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": FORMAT_VERSION,
-        "teacher_hash": module_hash(teacher),
-        "solver": solver,
-        "solver_options": json.loads(json.dumps(solver_options)),
-        "steps": steps,
-        "z0": z0,
-        "p_aug": float(p_aug),
-        "k_min": k_min,
-        "k_tail": k_tail,
-        "dtype": _dtype_name(dtype),
-        "seed": seed,
-        "time_map": "state k = teacher iterate after k calls of f; t_k by the student's Eq. 6",
-    }
-    meta_path = root / META_FILE
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        diff = [k for k in _CHECKED_KEYS if old.get(k) != meta[k]]
-        if diff:
-            detail = ", ".join(f"{k}: cache {old.get(k)!r} vs requested {meta[k]!r}" for k in diff)
-            raise ValueError(f"cache_dir: the trajectory cache at {root} was sampled with other settings ({detail}); "
-                             "use another cache_dir or delete this one")
-        if old.get("complete"):
-            return Trajectories(root, old, tmp)
-    atomic_write_json(meta_path, {**meta, "complete": False})
-
-    from cdeq.norm import reset_norm
-
-    model = copy.deepcopy(teacher).eval().requires_grad_(False)
-    reset_norm(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    sizes: list[int] = []
-    layout_info: Optional[dict] = None
+    settings = {"format": FORMAT_VERSION, "teacher_hash": module_hash(teacher), "solver": solver,
+                "solver_options": json.loads(json.dumps(solver_options)), "steps": steps, "z0": z0,
+                "p_aug": float(p_aug), "k_min": k_min, "k_tail": k_tail, "dtype": _dtype_name(dtype), "seed": seed,
+                "time_map": "state k = teacher iterate after k calls of f; t_k by the student's Eq. 6"}
+    store_dtype = STORAGE_DTYPES[dtype] if (dtype is None or isinstance(dtype, str)) else dtype
+    sampling = _Sampling(teacher, root, settings, _resumable_meta(root, settings), store_dtype)
     for index, batch in enumerate(inputs):
+        sampling.add(index, batch)
+    traj = Trajectories(root, sampling.finish(), tmp)
+    traj._verified.update(range(traj.num_shards))  # each shard was just written or checked
+    return traj
+
+
+def _warn_if_shuffled(inputs: Iterable[Any]) -> None:
+    """Warn when ``inputs`` is a DataLoader drawing a random order (trajectories are keyed by order)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if not isinstance(inputs, DataLoader):
+        return
+    if isinstance(inputs.sampler, RandomSampler) or isinstance(getattr(inputs.batch_sampler, "sampler", None),
+                                                                RandomSampler):
+        warnings.warn("inputs: the DataLoader shuffles (RandomSampler); trajectories are keyed by the inputs "
+                      "and their order, so a rerun in another order can neither resume nor reuse this cache "
+                      "(use shuffle=False, or a fixed, seeded order)", UserWarning, stacklevel=3)
+
+
+def _resumable_meta(root: Path, settings: dict) -> Optional[dict]:
+    """The manifest of an existing cache made with ``settings`` (None: start afresh). Other
+    settings are an error; an unreadable manifest or an older format is sampled again."""
+    if not (root / META_FILE).exists():
+        return None
+    try:
+        old = _read_meta(root)
+    except CorruptArtefactError as e:
+        warnings.warn(f"{e}; sampling the cache again", ArtefactWarning, stacklevel=3)
+        return None
+    diff = [k for k in _CHECKED_KEYS if old.get(k) != settings[k]]
+    if diff:
+        detail = ", ".join(f"{k}: cache {old.get(k)!r} vs requested {settings[k]!r}" for k in diff)
+        raise ValueError(f"cache_dir: the trajectory cache at {root} was sampled with other settings ({detail}); "
+                         "use another cache_dir or delete this one")
+    if old.get("format") != FORMAT_VERSION or "batch_hashes" not in old:
+        warnings.warn(f"cache_dir: the trajectory cache at {root} was written by an older cdeq (format "
+                      f"{old.get('format')}) without input keys or shard digests; sampling it again",
+                      UserWarning, stacklevel=3)
+        return None
+    return old
+
+
+def _batch_hash(x: Any, y: Optional[Tensor]) -> str:
+    """The key of one input batch: its inputs and labels (dtypes, shapes and bytes)."""
+    return hashlib.sha256(f"x:{_tensor_hash(x)}|y:{'none' if y is None else _tensor_hash(y)}".encode()).hexdigest()
+
+
+_LAYOUT_KEYS = ("state_shapes", "state_is_tuple", "x_parts", "has_labels")
+
+
+class _Sampling:
+    """One pass of :func:`sample_trajectories` over the inputs: each batch's shard is reused when
+    the manifest records the same batch at that position and the shard's digest still matches,
+    and is sampled otherwise. Progress goes to the manifest after every new shard."""
+
+    def __init__(self, teacher: nn.Module, root: Path, settings: dict, old: Optional[dict],
+                 store_dtype: Optional[torch.dtype]) -> None:
+        self.teacher, self.root, self.settings, self.old = teacher, root, settings, old
+        self.store_dtype = store_dtype
+        self.complete = bool(old and old.get("complete"))
+        self.recorded = len(old["batch_hashes"]) if old else 0
+        self.layout: Optional[dict] = {k: old[k] for k in _LAYOUT_KEYS} if old and "state_shapes" in old else None
+        self.record: dict[str, list] = {"batch_hashes": [], "shard_sha256": [], "shard_sizes": []}
+        self._model: Optional[nn.Module] = None
+        if old is None:
+            self._write_meta(complete=False)
+
+    def add(self, index: int, batch: Any) -> None:
         x, y = _split_batch(batch, index)
-        path = root / f"shard-{index:06d}.safetensors"
-        x_hash = _tensor_hash(x)
-        if path.exists():
-            with safe_open(str(path), framework="pt") as h:
-                md = h.metadata()
-            if md.get("input_hash") != x_hash:
-                raise ValueError(f"inputs: batch {index} differs from the one cached in {path.name}; the loader's "
-                                 "order changed between runs (use a deterministic loader, e.g. shuffle=False)")
-            sizes.append(int(md["items"]))
-            layout_info = layout_info or json.loads(md["layout"])
-            continue
-        lay = _write_shard(model, x, y, index, path, x_hash, device, steps, solver, solver_options, z0,
-                           p_aug, k_min, k_tail, store_dtype, seed)
-        if layout_info is not None and (lay["state_shapes"], lay["state_is_tuple"]) != (
-                layout_info["state_shapes"], layout_info["state_is_tuple"]):
+        _check_finite_inputs(x, index)
+        key = _batch_hash(x, y)
+        path = self.root / f"shard-{index:06d}.safetensors"
+        if self.complete and index >= self.recorded:
+            raise ValueError(f"inputs: the trajectory cache at {self.root} holds {self.recorded} batches and these "
+                             f"inputs give more; they are not the inputs it was sampled from (use another "
+                             "cache_dir or delete this one)")
+        if index < self.recorded:
+            if self.old["batch_hashes"][index] != key:
+                raise ValueError(f"inputs: batch {index} differs from the one cached in {path.name} at {self.root}: "
+                                 "the inputs or their order changed since it was sampled (use a deterministic "
+                                 "loader, e.g. shuffle=False, or another cache_dir)")
+            digest = self.old["shard_sha256"][index]
+            if path.is_file() and sha256_file(path) == digest:
+                self._append(key, digest, self.old["shard_sizes"][index])
+                return
+            warnings.warn(f"{path}: SHA-256 differs from the one in {META_FILE}, or the file is missing; "
+                          f"sampling batch {index} again", ArtefactWarning, stacklevel=3)
+        lay, digest = _write_shard(self.model(), x, y, index, path, key, self.settings, self.store_dtype)
+        if self.layout is not None and (lay["state_shapes"], lay["state_is_tuple"]) != (
+                self.layout["state_shapes"], self.layout["state_is_tuple"]):
             raise ValueError(f"inputs: batch {index} gives states of shape {lay['state_shapes']} (per item), "
-                             f"batch 0 gave {layout_info['state_shapes']}; every batch must give the same shapes")
-        layout_info = layout_info or lay
-        sizes.append(lay["items"])
-    if not sizes:
-        raise ValueError("inputs: the iterable yielded no batch")
-    final = {**meta, "complete": True, "shard_sizes": sizes, "state_shapes": layout_info["state_shapes"],
-             "state_is_tuple": layout_info["state_is_tuple"], "x_parts": layout_info["x_parts"],
-             "has_labels": layout_info["has_labels"]}
-    atomic_write_json(meta_path, final)
-    return Trajectories(root, final, tmp)
+                             f"batch 0 gave {self.layout['state_shapes']}; every batch must give the same shapes")
+        self.layout = self.layout or {k: lay[k] for k in _LAYOUT_KEYS}
+        self._append(key, digest, lay["items"])
+        if not self.complete:
+            self._write_meta(complete=False)
+
+    def model(self) -> nn.Module:
+        """A frozen eval-mode copy of the teacher, made when the first shard must be sampled."""
+        if self._model is None:
+            from cdeq.norm import reset_norm
+
+            self._model = copy.deepcopy(self.teacher).eval().requires_grad_(False)
+            reset_norm(self._model)
+        return self._model
+
+    def _append(self, key: str, digest: str, items: int) -> None:
+        self.record["batch_hashes"].append(key)
+        self.record["shard_sha256"].append(digest)
+        self.record["shard_sizes"].append(int(items))
+
+    def _write_meta(self, complete: bool) -> dict:
+        meta = {**self.settings, "complete": complete, **self.record, **(self.layout or {})}
+        if complete:
+            meta["inputs_hash"] = hashlib.sha256("\n".join(self.record["batch_hashes"]).encode()).hexdigest()
+        if meta != self.old:
+            atomic_write_json(self.root / META_FILE, meta)
+        return meta
+
+    def finish(self) -> dict:
+        """The complete manifest, written unless it is unchanged."""
+        given = len(self.record["batch_hashes"])
+        if given == 0:
+            raise ValueError("inputs: the iterable yielded no batch")
+        if self.complete and given < self.recorded:
+            raise ValueError(f"inputs: the trajectory cache at {self.root} holds {self.recorded} batches, these "
+                             f"inputs give {given}; they are not the inputs it was sampled from (use another "
+                             "cache_dir or delete this one)")
+        return self._write_meta(complete=True)
 
 
-def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path: Path, x_hash: str,
-                 device: torch.device, steps: int, solver: str, solver_options: dict, z0_mode: str,
-                 p_aug: float, k_min: int, k_tail: int, store_dtype: Optional[torch.dtype], seed: int) -> dict:
-    """Solve one input batch with the teacher and write its shard atomically; returns its layout."""
+def _rows_list(rows: list[int]) -> str:
+    return f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
+
+
+def _check_finite_inputs(x: Any, index: int) -> None:
+    for part in as_tuple(x):
+        if part.is_floating_point() or part.is_complex():
+            finite = torch.isfinite(part)
+            bad = ~(finite.flatten(1).all(dim=1) if finite.dim() > 1 else finite.reshape(-1))
+            if bool(bad.any()):
+                raise ValueError(f"inputs: batch {index} holds non-finite values (NaN or inf) in row(s) "
+                                 f"{_rows_list(torch.nonzero(bad).flatten().tolist())}; sampling stopped "
+                                 "(the shards before it are kept)")
+
+
+def _check_finite_states(tensors: dict[str, Tensor], residual: Tensor, index: int) -> None:
+    """Raise naming the batch, its rows and the first step where the stored states or the
+    teacher's residuals are not finite (a diverged solve would leave z_K = an old iterate)."""
+    bad = ~torch.isfinite(residual)
+    for name, z in tensors.items():
+        if name.startswith("z."):
+            finite = torch.isfinite(z)
+            bad |= ~(finite.flatten(2).all(dim=2) if finite.dim() > 2 else finite)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.any(dim=1)).flatten().tolist()
+        step = int(torch.nonzero(bad.any(dim=0)).min())
+        raise ValueError(f"teacher: its states for batch {index} are not finite (NaN or inf) in row(s) "
+                         f"{_rows_list(rows)}, first at step {step} (or beyond the storage dtype's range); "
+                         "sampling stopped (the shards before it are kept)")
+
+
+def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path: Path, key: str,
+                 settings: dict, store_dtype: Optional[torch.dtype]) -> tuple[dict, str]:
+    """Solve one input batch with the teacher and write its shard atomically; returns its layout
+    and the shard's SHA-256."""
     from cdeq import solve
 
+    steps, seed = settings["steps"], settings["seed"]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
     xd = map_state(lambda t: t.to(device), x)
     with torch.no_grad():
         u = model.inject(xd)
         z0 = model.init_state(u)
-        if z0_mode == "gaussian":
+        if settings["z0"] == "gaussian":
             z0 = map_state(lambda p: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), z0)
         layout = StateLayout(z0, "teacher.init_state(u)")
-        _, info = solve(lambda z: model.layer(z, u), z0, solver=solver, max_iter=steps, tol=0.0,
-                        return_states="all", trace=True, **solver_options)
+        _, info = solve(lambda z: model.layer(z, u), z0, solver=settings["solver"], max_iter=steps, tol=0.0,
+                        return_states="all", trace=True, **settings["solver_options"])
     B = layout.batch_size
     residual = torch.cat([info.trace, info.rel_residual.unsqueeze(0)], dim=0).t().float().cpu()
     tensors: dict[str, Tensor] = {}
     for i in range(len(layout.shapes)):
         stacked = torch.stack([as_tuple(s)[i] for s in info.states], dim=1)  # (B, K+1, ...)
         tensors[f"z.{i}"] = stacked.to(store_dtype or stacked.dtype).cpu().contiguous()
+    _check_finite_states(tensors, residual, index)
     x_parts = len(x) if isinstance(x, (tuple, list)) else 0
     if x_parts:
         for i, part in enumerate(x):
@@ -440,9 +605,10 @@ def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path
     if y is not None:
         tensors["y"] = y.detach().cpu().contiguous()
     tensors["residual"] = residual.contiguous()
-    tensors["aug"] = _augmentation_mask(B, steps, p_aug, k_min, k_tail, gen)
+    tensors["aug"] = _augmentation_mask(B, steps, settings["p_aug"], settings["k_min"], settings["k_tail"], gen)
     lay = {"items": B, "state_shapes": [list(s[1:]) for s in layout.shapes], "state_is_tuple": layout.is_tuple,
            "x_parts": x_parts, "has_labels": y is not None}
-    md = {"input_hash": x_hash, "items": str(B), "layout": json.dumps(lay)}
-    atomic_write_bytes(path, safetensors_save(tensors, metadata=md))
-    return lay
+    # one metadata key: safetensors writes several in a random order, and the digest must be reproducible
+    data = safetensors_save(tensors, metadata={"cdeq": json.dumps({"batch_hash": key, **lay}, sort_keys=True)})
+    atomic_write_bytes(path, data)
+    return lay, hashlib.sha256(data).hexdigest()
