@@ -80,6 +80,10 @@ class RunLock:
             holder = _read_holder(fd)
             os.close(fd)
             raise RunDirLocked(self.run_dir, holder) from None
+        except OSError as e:
+            os.close(fd)
+            raise OSError(e.errno, f"{self.path}: cannot lock the run directory ({e.strerror}; a file "
+                                   "system without flock?)") from None
         previous = _read_holder(fd)
         if previous:
             self.taken_over = previous
