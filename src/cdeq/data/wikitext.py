@@ -23,9 +23,13 @@ SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
 
 
 def tokenize_lines(text: str) -> list[str]:
-    """Whitespace tokens of every line, each line followed by ``<eos>``."""
+    """Whitespace tokens of every ``\n``-ended line (a last line without one counts too), each
+    line followed by ``<eos>``."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
     tokens: list[str] = []
-    for line in text.splitlines():
+    for line in lines:
         tokens.extend(line.split())
         tokens.append(EOS)
     return tokens

@@ -14,7 +14,7 @@ from cdeq.models.explicit import GAT, GCN, ResNet, Transformer
 from cdeq.models.ignn import IGNN
 from cdeq.models.mdeq import MDEQ
 from cdeq.models.protocol import DEQModel
-from cdeq.models.transformer import DEQTransformer
+from cdeq.models.transformer import AdaptiveTransformer, DEQTransformer
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "ignn": IGNN,
@@ -44,5 +44,5 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["DEQModel", "IGNN", "MDEQ", "DEQTransformer", "GCN", "GAT", "ResNet", "Transformer",
+__all__ = ["DEQModel", "IGNN", "MDEQ", "DEQTransformer", "GCN", "GAT", "ResNet", "Transformer", "AdaptiveTransformer",
            "available", "get", "num_parameters"]

@@ -16,12 +16,21 @@ it so (Eq. 17-18). The readout is a final LayerNorm and a linear head tied to th
 Sequences are fixed-length segments: there is no recurrence memory of earlier segments (the
 ``z*_{0:t}`` context of Eq. 21 is empty), so every segment is modelled on its own.
 
+For large vocabularies (WikiText, 33k words and more) ``cutoffs`` switches the input and output to
+:class:`AdaptiveIO`: an adaptive softmax (Grave et al. 2017) whose word vectors are also the input
+embeddings (tied adaptive input, Baevski & Auli 2019), so that neither the embedding table nor the
+head grows with d x V. ``readout`` then returns log-probabilities over the whole vocabulary and
+:meth:`DEQTransformer.lm_loss` the adaptive softmax's own loss, which evaluates a tail cluster only
+for the targets that fall in it. :class:`AdaptiveTransformer` is the explicit model of that size.
+
 :class:`CausalSelfAttention`, :class:`FeedForward` and :class:`TokenEmbedding` are shared with the
 explicit transformer baseline (:mod:`cdeq.models.explicit`).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +42,14 @@ from cdeq.models.protocol import DEQModel
 # unit-scale token embeddings the layer starts contractive (spectral radius ~0.2; Anderson reaches
 # 1e-5 in 8 steps), where the default init gives ~1 and a residual of ~1e-1 after 30 steps.
 OUTPUT_GAIN = 0.3
+
+# Adaptive softmax cut-offs for WikiText-2's 33,278 words (ids in falling frequency). The DEQ
+# transformer on WikiText-103 cuts 267k words at 20000/40000/200000; scaled to 33k the head keeps
+# the 2000 most frequent words (77% of the training tokens) and one cluster 2000-10000 (to 93%), the
+# rest (23k words, 7% of the tokens) is the last cluster.
+WIKITEXT2_CUTOFFS = (2000, 10000)
+# The adaptive softmax's width divisor per cluster (PyTorch's default): cluster i has d / 4^i.
+DIV_VALUE = 4.0
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,15 +101,95 @@ class TokenEmbedding(nn.Module):
         self.scale = math.sqrt(d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 2 or x.dtype != torch.long:
-            raise ValueError(f"x: expected token ids of shape (B, L) and dtype long, got {tuple(x.shape)} {x.dtype}")
-        if x.shape[1] > self.max_len:
-            raise ValueError(f"x: sequence length {x.shape[1]} exceeds max_len={self.max_len}")
+        check_token_ids(x, self.max_len)
         return F.dropout(self.word(x) * self.scale + self.pos[: x.shape[1]], self.dropout, self.training)
 
 
+def check_token_ids(x: Tensor, max_len: int) -> None:
+    """Raise unless ``x`` is a ``(B, L)`` long tensor of token ids with ``L <= max_len``."""
+    if x.dim() != 2 or x.dtype != torch.long:
+        raise ValueError(f"x: expected token ids of shape (B, L) and dtype long, got {tuple(x.shape)} {x.dtype}")
+    if x.shape[1] > max_len:
+        raise ValueError(f"x: sequence length {x.shape[1]} exceeds max_len={max_len}")
+
+
+class AdaptiveIO(nn.Module):
+    """Tied adaptive input and output: one :class:`torch.nn.AdaptiveLogSoftmaxWithLoss` gives the
+    log-probabilities and, read backwards, the word embeddings (head words: the head's rows; a tail
+    word of cluster i: its row of the cluster table times the cluster's projection to d).
+
+    ``forward(x)`` embeds ``(B, L)`` ids like :class:`TokenEmbedding` (times sqrt(d), plus learned
+    positions); :meth:`log_prob` and :meth:`nll` take the final normalised states. Word ids must be
+    in falling frequency so that the head holds the frequent words.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, max_len: int, cutoffs: Sequence[int],
+                 dropout: float = 0.0, ignore_index: int = -100) -> None:
+        super().__init__()
+        cutoffs = list(cutoffs)
+        if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] >= vocab_size:
+            raise ValueError(f"cutoffs: expected increasing ids between 1 and vocab_size - 1 = {vocab_size - 1}, "
+                             f"got {cutoffs}")
+        self.softmax = nn.AdaptiveLogSoftmaxWithLoss(d_model, vocab_size, cutoffs, div_value=DIV_VALUE)
+        self.pos = nn.Parameter(torch.zeros(max_len, d_model))
+        with torch.no_grad():  # every word vector and logit starts at the tied embedding's scale (std 0.02)
+            nn.init.normal_(self.pos, std=0.02)
+            nn.init.normal_(self.softmax.head.weight, std=0.02)
+            for proj, table in self.softmax.tail:
+                nn.init.normal_(proj.weight, std=proj.out_features ** -0.5)
+                nn.init.normal_(table.weight, std=0.02)
+        self.vocab_size, self.max_len, self.dropout = vocab_size, max_len, dropout
+        self.scale, self.ignore_index = math.sqrt(d_model), ignore_index
+
+    def words(self, x: Tensor) -> Tensor:
+        """The tied word vectors of ids ``x`` (any shape), ``(*x.shape, d)``."""
+        bounds = self.softmax.cutoffs  # [c_1, ..., c_k, V]
+        out = self.softmax.head.weight[x.clamp(max=bounds[0] - 1)]
+        for (lo, hi), (proj, table) in zip(zip(bounds[:-1], bounds[1:]), self.softmax.tail):
+            rows = table.weight[(x - lo).clamp(0, hi - lo - 1)] @ proj.weight
+            out = torch.where(((x >= lo) & (x < hi)).unsqueeze(-1), rows, out)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_token_ids(x, self.max_len)
+        return F.dropout(self.words(x) * self.scale + self.pos[: x.shape[1]], self.dropout, self.training)
+
+    def log_prob(self, h: Tensor) -> Tensor:
+        """Log-probabilities over the whole vocabulary, ``(..., V)``, of states ``(..., d)``."""
+        return self.softmax.log_prob(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], self.vocab_size)
+
+    def nll(self, h: Tensor, y: Tensor) -> Tensor:
+        """Mean negative log-likelihood of the targets ``y`` (``h``'s shape less its last
+        dimension; ``ignore_index`` entries skipped) through the adaptive softmax's own loss."""
+        if h.shape[:-1] != y.shape:
+            raise ValueError(f"y: expected shape {tuple(h.shape[:-1])}, got {tuple(y.shape)}")
+        keep = y != self.ignore_index
+        return self.softmax(h[keep], y[keep]).loss
+
+
+def _embedding(vocab_size: int, d_model: int, max_len: int, dropout: float,
+               cutoffs: Optional[Sequence[int]]) -> nn.Module:
+    if cutoffs is None:
+        return TokenEmbedding(vocab_size, d_model, max_len, dropout)
+    return AdaptiveIO(vocab_size, d_model, max_len, cutoffs, dropout)
+
+
+def _head(embed: nn.Module, h: Tensor) -> Tensor:
+    """Logits of the tied head, or log-probabilities of the adaptive softmax, from final states."""
+    return embed.log_prob(h) if isinstance(embed, AdaptiveIO) else F.linear(h, embed.word.weight)
+
+
+def _head_loss(embed: nn.Module, h: Tensor, y: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean NLL of ``y``: the adaptive softmax's own loss, or cross-entropy of the tied logits."""
+    if isinstance(embed, AdaptiveIO):
+        return embed.nll(h, y)
+    logits = _head(embed, h)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=ignore_index)
+
+
 class DEQTransformer(DEQModel):
-    """Word-level DEQ transformer LM: x = token ids (B, L), state (B, L, d), logits (B, L, V).
+    """Word-level DEQ transformer LM: x = token ids (B, L), state (B, L, d), logits (B, L, V)
+    (log-probabilities with ``cutoffs``).
 
     Args:
         vocab_size: V.
@@ -100,14 +197,17 @@ class DEQTransformer(DEQModel):
         max_len: the longest segment.
         dropout: on the embeddings (the injection) only, so that f stays a deterministic map.
         weight_norm: weight-normalise the block's linear maps (Eq. 13).
+        cutoffs: adaptive softmax cluster boundaries (e.g. :data:`WIKITEXT2_CUTOFFS`) for tied
+            adaptive input and output (:class:`AdaptiveIO`); None: a full tied softmax.
     """
 
     feature_dim = -1
 
     def __init__(self, vocab_size: int, d_model: int = 128, n_heads: int = 4, d_ff: int = 512,
-                 max_len: int = 256, dropout: float = 0.0, weight_norm: bool = True) -> None:
+                 max_len: int = 256, dropout: float = 0.0, weight_norm: bool = True,
+                 cutoffs: Optional[Sequence[int]] = None) -> None:
         super().__init__()
-        self.embed = TokenEmbedding(vocab_size, d_model, max_len, dropout)
+        self.embed = _embedding(vocab_size, d_model, max_len, dropout, cutoffs)
         self.ln1, self.ln2, self.ln_f = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.ffn = FeedForward(d_model, d_ff)
@@ -129,7 +229,38 @@ class DEQTransformer(DEQModel):
         return h + self.ffn(self.ln2(h))
 
     def readout(self, z: Tensor) -> Tensor:
-        return F.linear(self.ln_f(z), self.embed.word.weight)
+        return _head(self.embed, self.ln_f(z))
+
+    def lm_loss(self, z: Tensor, y: Tensor) -> Tensor:
+        """Mean NLL of the next-token targets ``y`` (-100: ignored) at state ``z``; with an
+        adaptive softmax its own loss, cheaper than the loss of :meth:`readout`'s output."""
+        return _head_loss(self.embed, self.ln_f(z), y)
 
     def init_state(self, u: Tensor) -> Tensor:
         return torch.zeros_like(u)
+
+
+class AdaptiveTransformer(nn.Module):
+    """Explicit causal transformer LM with the tied adaptive input and output of
+    :class:`AdaptiveIO`: ``n_layers`` pre-LN blocks of the DEQ transformer's width (one block has
+    the adaptive DEQ transformer's parameter count). ``forward(x)`` gives log-probabilities."""
+
+    def __init__(self, vocab_size: int, cutoffs: Sequence[int], d_model: int = 128, n_heads: int = 4,
+                 d_ff: int = 512, max_len: int = 256, n_layers: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        from cdeq.models.explicit import _Block  # explicit imports this module: a late import breaks the cycle
+
+        self.embed = AdaptiveIO(vocab_size, d_model, max_len, cutoffs, dropout)
+        self.blocks = nn.Sequential(*(_Block(d_model, n_heads, d_ff) for _ in range(n_layers)))
+        self.ln_f = nn.LayerNorm(d_model)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The final normalised states ``(B, L, d)``."""
+        return self.ln_f(self.blocks(self.embed(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed.log_prob(self.features(x))
+
+    def lm_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean NLL of the next-token targets ``y`` (-100: ignored), the adaptive softmax's own loss."""
+        return self.embed.nll(self.features(x), y)

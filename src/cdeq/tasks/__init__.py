@@ -1,7 +1,8 @@
 """Benchmarks by name: ``cdeq.tasks.get(name, **options) -> Task``.
 
 Names: ``cora``, ``citeseer`` (graphs, IGNN), ``fashion-mnist``, ``mnist`` (images, MDEQ),
-``gutenberg`` (word-level text, DEQ transformer). Options: ``preset`` (``"tiny"``, ``"cpu"``,
+``gutenberg`` (word-level text, DEQ transformer), ``wikitext-2`` (word-level text, DEQ transformer
+with an adaptive softmax). Options: ``preset`` (``"tiny"``, ``"cpu"``,
 ``"gpu"``: the default recipe of the task's builders) and the task's own (e.g. ``explicit`` for
 graphs, ``vocab_size`` and ``seq_len`` for text).
 """
@@ -11,7 +12,7 @@ from typing import Any
 
 from cdeq.tasks.base import IGNORE, Task
 
-NAMES = ("cora", "citeseer", "fashion-mnist", "mnist", "gutenberg")
+NAMES = ("cora", "citeseer", "fashion-mnist", "mnist", "gutenberg", "wikitext-2")
 
 
 def available() -> list[str]:
@@ -33,6 +34,10 @@ def get(name: str, **options: Any) -> Task:
         from cdeq.tasks.text import TextTask
 
         return TextTask(name, **options)
+    if name == "wikitext-2":
+        from cdeq.tasks.wikitext import WikiTextTask
+
+        return WikiTextTask(name, **options)
     raise ValueError(f"name: unknown task {name!r}; available: {list(NAMES)}")
 
 
