@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from cdeq import io as cio
-from cdeq.io import (ArtefactWarning, CorruptArtefactError, digest_path, hash_artefacts, load_checkpoint,
-                     load_latest_checkpoint, previous_checkpoint, save_checkpoint, sha256_file, verify_artefacts)
+from cdeq.io import (ArtefactWarning, CorruptArtefactError, digest_path, hash_artefacts, list_artefacts,
+                     load_checkpoint, load_latest_checkpoint, previous_checkpoint, save_checkpoint, sha256_file,
+                     verify_artefacts)
 
 
 def _state(step: int = 0) -> dict:
@@ -149,9 +150,16 @@ def test_a_save_killed_after_the_rotation_resumes_from_the_previous(tmp_path, mo
 
 def test_hash_and_verify_artefacts_name_the_bad_files(tmp_path):
     save_checkpoint(tmp_path / "best.pt", _state())
+    for step in (1, 2):
+        save_checkpoint(tmp_path / "checkpoint.pt", _state(step), keep_previous=True)
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "meta.json").write_text("{}")
     (tmp_path / "metrics.json").write_text("{}")
+    for transient in ("done.json", ".metrics.json.x.tmp", "model.pt.corrupt", "model.pt.corrupt.sha256"):
+        (tmp_path / transient).write_text("")
+    names = list_artefacts(tmp_path)
+    assert names == ["best.pt", "best.pt.sha256", "cache/meta.json", "checkpoint.pt", "checkpoint.pt.sha256",
+                     "metrics.json"]
     digests = hash_artefacts(tmp_path, ["best.pt", "cache/meta.json", "metrics.json"])
     assert digests["cache/meta.json"] == sha256_file(tmp_path / "cache" / "meta.json")
     assert verify_artefacts(tmp_path, digests) == []

@@ -204,6 +204,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def list_artefacts(root: str | os.PathLike, exclude: Iterable[str] = ("done.json",)) -> list[str]:
+    """The files under ``root`` that a finished stage keeps, relative and sorted, for
+    :func:`hash_artefacts`: all but ``exclude``, temporary (hidden) files, kept previous
+    checkpoints and files set aside as corrupt, none of which a later stage reads."""
+    root, skip = Path(root), set(exclude)
+    names = []
+    for path in sorted(root.rglob("*")):
+        base = path.name.removesuffix(DIGEST_SUFFIX)
+        transient = (path.name.startswith(".") or base.endswith(CORRUPT_SUFFIX)
+                     or Path(base).stem.endswith(PREVIOUS_TAG))
+        name = path.relative_to(root).as_posix()
+        if path.is_file() and not transient and name not in skip:
+            names.append(name)
+    return names
+
+
 def hash_artefacts(root: str | os.PathLike, names: Iterable[str]) -> dict[str, str]:
     """``{name: SHA-256}`` of files under ``root`` (names relative to it), for a stage's ``done.json``."""
     root = Path(root)
