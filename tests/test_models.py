@@ -237,7 +237,7 @@ def test_truncated_solve_budget_is_nfe_and_k_is_deprecated():
     x = torch.randint(0, 50, (2, 10))
     with torch.no_grad():
         z, info = model.truncated_solve(x, nfe=2, solver="fixed_point")
-        with pytest.warns(DeprecationWarning, match=r"truncated_solve\(k=...\) is deprecated: the budget is called nfe"):
+        with pytest.warns(DeprecationWarning, match=r"truncated_solve\(k=...\) is deprecated: the budget is"):
             z_old, info_old = model.truncated_solve(x, k=2, solver="fixed_point")
     assert info.nfe == info_old.nfe == 2 and torch.equal(z, z_old)
     with pytest.raises(TypeError, match="give nfe .k is its deprecated name., not both"):

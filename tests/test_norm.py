@@ -177,7 +177,8 @@ def test_rules_and_registered_modules_normalise_named_parameters_along_their_dim
     torch.manual_seed(1)
     net = nn.Sequential(Kernel(), nn.Linear(3, 3).double())
     x = torch.randn(2, 5, dtype=F64)
-    cdeq.apply_norm(net, kind="weight_norm", scale=False, target_norm=2.0, rules={Kernel: ("kernel", 1)})
+    cdeq.apply_norm(net, kind="weight_norm", scale=False, target_norm=2.0,
+                    rules={Kernel: ("kernel", 1)})
     assert {n for n, _ in net.named_parameters()} == {"0.kernel_v", "1.weight", "1.bias"}
     assert torch.allclose(net[0].kernel.norm(dim=0), torch.full((3,), 2.0, dtype=F64))
     cdeq.remove_norm(net)

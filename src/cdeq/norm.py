@@ -11,10 +11,10 @@ plain parameter, leaving the function unchanged.
 Modules with other parameter names (or a norm along another dimension, as ``ConvTranspose``'s
 output channels on dim 1) are declared with :func:`register_norm_module`, or per call with
 ``rules``. A normalised module keeps its class name but becomes an instance of a subclass whose
-``weight`` (each normalised parameter) is a property returning the cached weight (recomputed on access only if stale, e.g. after an
-optimiser step without :func:`reset_norm`). ``copy.deepcopy`` works (the copy recomputes its
-weight); save it through its ``state_dict`` (``weight_v``, ``weight_g``, ``weight_u``), not by
-pickling the module.
+``weight`` (each normalised parameter) is a property returning the cached weight (recomputed on
+access only if stale, e.g. after an optimiser step without :func:`reset_norm`). ``copy.deepcopy``
+works (the copy recomputes its weight); save it through its ``state_dict`` (``weight_v``,
+``weight_g``, ``weight_u``), not by pickling the module.
 
 Example:
     >>> layer = torch.nn.Linear(8, 8)

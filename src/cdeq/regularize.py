@@ -1,7 +1,8 @@
 """Regularisers and initialisation that shape the equilibrium landscape (torchdeq paper Sec. 2.6).
 
 - :func:`jacobian_penalty`: Hutchinson estimate of ||J||_F^2 (Eq. 17-18), a trainable loss term.
-- :func:`spectral_radius`: the power method on J, a per-sample stability diagnostic.
+- :func:`spectral_radius`: the power method on J, a per-sample stability diagnostic
+  (:func:`jacobian_power_method` on a graph already built).
 - :func:`fixed_point_correction`: decayed task losses on intermediate states (Eq. 19).
 - :func:`mixed_init`: half zeros, half Gaussian initial states.
 """
@@ -69,21 +70,30 @@ def spectral_radius(f: Callable[[State], State], z: State, iters: int = 50,
         >>> spectral_radius(lambda z: z @ A.T, torch.zeros(3, 2), iters=100)
         tensor([0.9000, 0.9000, 0.9000])
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters: expected an integer >= 1, got {iters!r}")
-    layout = StateLayout(z, "z")
     z_in = map_state(lambda t: t.detach().requires_grad_(), z)
     with torch.enable_grad():
         fz = f(z_in)
+    return jacobian_power_method(fz, z_in, iters, generator)[0]
+
+
+def jacobian_power_method(fz: State, z: State, iters: int = 50,
+                          generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """The power method of :func:`spectral_radius` on a graph ``fz = f(z)`` already built (``z``
+    requiring grad): returns the (B,) radius estimates and the flat ``(B, N)`` unit vectors v
+    with ||v J|| = radius."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters: expected an integer >= 1, got {iters!r}")
+    _check_graph(fz, z, "jacobian_power_method")
+    layout = StateLayout(z, "z")
     layout.check(fz, "f(z)")
-    vjp = vjp_function(fz, z_in, layout)
+    vjp = vjp_function(fz, z, layout)
     v = torch.randn(layout.batch_size, layout.dim, dtype=layout.dtype, device=layout.device, generator=generator)
     v = v / vector_norm(v).unsqueeze(1)
     for _ in range(iters):
         w = vjp(v)
         radius = vector_norm(w)
         v = w / radius.clamp_min(torch.finfo(radius.dtype).tiny).unsqueeze(1)
-    return radius.detach()
+    return radius.detach(), v.detach()
 
 
 def fixed_point_correction(states: Sequence[State], loss_fn: Callable[[State], Tensor], gamma: float = 0.8) -> Tensor:

@@ -252,8 +252,9 @@ class Monitor:
     Each step a solver calls :meth:`observe` after the k-th call of ``f`` with the residual of
     z_{k-1} and gets the ``(B, 1)`` mask of samples whose iterate may advance to z_k (the others
     are frozen at z_{k-1}: it met tol, or diverged, now or before; with ``per_sample=False`` no
-    sample freezes for meeting tol until all have); it computes the step for the whole batch, lets :meth:`select` keep the frozen samples' old iterates, calls :meth:`record`
-    with z_k and stops when :meth:`done` says so. A handful of tiny ops per step; ``steps`` and
+    sample freezes for meeting tol until all have); it computes the step for the whole batch,
+    lets :meth:`select` keep the frozen samples' old iterates, calls :meth:`record` with z_k and
+    stops when :meth:`done` says so. A handful of tiny ops per step; ``steps`` and
     ``diverged`` are derived once in :meth:`finish`.
     """
 
