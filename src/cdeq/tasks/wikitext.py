@@ -31,9 +31,9 @@ _CUTOFFS = list(WIKITEXT2_CUTOFFS)
 _DEQ = {"f_solver": "anderson", "f_max_iter": 30, "f_tol": 1e-3, "eval_max_iter": 30,
         "backward": "phantom", "phantom_steps": 3, "tau": 0.8}
 # cpu: the Gutenberg cpu model with the adaptive softmax. On one thread of the 2-core machine (load 2
-# from other work) a teacher step took 0.78 s (median of 28; 0.47-1.86), the explicit model's 0.14 s,
-# a test batch of the teacher 1.4 s (the full 33k log-probabilities): 3000 steps (1.5 epochs) and
-# the whole test split make about 45 minutes.
+# from other work) the first 150 teacher steps took 0.87 s each (NFE 7-15, rising late), the explicit
+# model's 0.33 s, a test batch of the teacher about 1.4 s (the full 33k log-probabilities): 2500
+# steps (1.2 epochs) and the whole test split (240 batches) make about 45-55 minutes.
 # tiny: max_len 64 because `cdeq run` builds the task with its default (cpu) preset, so the trajectory
 # and evaluation batches are the cpu recipe's 64-token segments.
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -45,7 +45,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"teacher": {"d_model": 128, "n_heads": 4, "d_ff": 512, "max_len": 64, "weight_norm": False,
                         "cutoffs": _CUTOFFS},
             "deq": _DEQ,
-            "train": {"steps": 3000, "lr": 2e-3, "weight_decay": 0.01, "warmup": 200, "checkpoint_every": 200,
+            "train": {"steps": 2500, "lr": 2e-3, "weight_decay": 0.01, "warmup": 200, "checkpoint_every": 250,
                       "log_every": 50},
             "batch_size": 16, "seq_len": 64, "val_batches": 30, "test_batches": None, "jac_weight": 0.2,
             "explicit": {"d_model": 128, "n_heads": 4, "d_ff": 512, "max_len": 64, "cutoffs": _CUTOFFS}},
