@@ -251,6 +251,8 @@ def test_sampled_states_and_their_phantom_steps_follow_torchdeq():
         assert len(compat.get_deq(core=core, n_states=2, grad=[1, 2])(f, z0)[0]) == 2
         assert len(compat.get_deq(core=core, grad=4, sup_gap=2)(f, z0)[0]) == 2
         assert len(compat.get_deq(core=core, grad=4, sup_loc=[1])(f, z0)[0]) == 2
+    z_out, _ = compat.get_deq(f_max_iter=0, n_states=2, grad=3)(f, z0)  # BPTT-3, twice
+    assert len(z_out) == 2 and torch.allclose(z_out[0], f(f(f(z0))))
     with pytest.raises(ValueError, match=r"grad: expected 1 value or one per sampled state \(2"):
         compat.get_deq(n_states=2, grad=[1, 2, 3])
     with pytest.raises(ValueError, match="core: expected one of"):
@@ -319,3 +321,21 @@ def test_variational_dropout_keeps_its_mask_until_reset():
     assert drop.mask is None and drop(x).shape == x.shape
     with pytest.raises(ValueError, match="call reset_dropout"):
         drop(torch.ones(3, 5, 4))
+
+
+def test_the_migration_guide_examples_run_as_printed(capsys):
+    import re
+    from pathlib import Path
+
+    guide = Path(__file__).resolve().parents[1] / "docs" / "migrating-from-torchdeq.md"
+    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
+    assert len(blocks) == 3
+    torch.manual_seed(0)
+    for i, block in enumerate(blocks):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the examples warn about nothing
+            exec(compile(block, f"docs/migrating-from-torchdeq.md: example {i + 1}", "exec"), {})  # noqa: S102
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "tensor(True) torch.Size([8]) torch.Size([16, 16])"
+    assert printed[1].startswith("True ") and printed[1].endswith(" torch.Size([8])")
+    assert printed[2] == "True"

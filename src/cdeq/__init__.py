@@ -19,6 +19,9 @@ _EXPORTS = {
     "apply_norm": "cdeq.norm",
     "reset_norm": "cdeq.norm",
     "remove_norm": "cdeq.norm",
+    "register_norm_module": "cdeq.norm",
+    "VariationalDropout": "cdeq.dropout",
+    "reset_dropout": "cdeq.dropout",
     "jacobian_penalty": "cdeq.regularize",
     "spectral_radius": "cdeq.regularize",
     "fixed_point_correction": "cdeq.regularize",
@@ -28,13 +31,13 @@ _EXPORTS = {
     "DEQModel": "cdeq.models",
 }
 
-__all__ = sorted(_EXPORTS) + ["consistency", "baselines", "models", "data", "tasks"]
+__all__ = sorted(_EXPORTS) + ["consistency", "baselines", "models", "data", "tasks", "compat"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("consistency", "baselines", "models", "data", "tasks", "solvers", "backward"):
+    if name in ("consistency", "baselines", "models", "data", "tasks", "solvers", "backward", "compat"):
         return importlib.import_module(f"cdeq.{name}")
     raise AttributeError(f"module 'cdeq' has no attribute {name!r}")
 

@@ -94,7 +94,11 @@ class DEQ(nn.Module):
         Args:
             f: the layer with its input injection closed over, state -> state (tensor or tuple).
             z0: the initial state (detached for implicit/phantom; unroll backpropagates into it).
-            return_steps: solver steps k (or ``"all"``) whose iterates z_k go to ``info.states``.
+            return_steps: solver steps k (or ``"all"``) whose iterates z_k go to ``info.states``,
+                in that order; a step at or past the solve's last one gives the final state, so
+                with ``"all"`` or steps ending at ``max_iter`` (as ``--n_states`` gives),
+                ``info.states[-1]`` is the returned state ``z`` (TorchDEQ's ``z_out[-1]``; ``z``
+                itself is a state, not a list: ``z[-1]`` would be the last sample).
                 In training mode the config's ``return_steps`` are the default. Gradients: the
                 unrolled iterates' own; for phantom, each state is advanced by the phantom steps
                 and differentiated through them (Eq. 6); for implicit, each state keeps the
