@@ -339,3 +339,13 @@ def test_the_migration_guide_examples_run_as_printed(capsys):
     assert printed[0] == "tensor(True) torch.Size([8]) torch.Size([16, 16])"
     assert printed[1].startswith("True ") and printed[1].endswith(" torch.Size([8])")
     assert printed[2] == "True"
+
+
+def test_backward_writer_gets_the_implicit_backward_statistics():
+    w = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    reports = []
+    deq = compat.get_deq(f_max_iter=100, f_tol=1e-12, ift=True, b_max_iter=100, b_tol=1e-12)
+    z_out, _ = deq(lambda z: w * z + 1, torch.zeros(2, 1, dtype=F64), backward_writer=reports.append)
+    z_out[-1].sum().backward()
+    assert len(reports) == 1 and reports[0]["rel_lowest"].max() <= 1e-12 and reports[0]["nstep"].item() >= 1
+    assert torch.allclose(w.grad, torch.tensor(8.0, dtype=F64))  # d/dw of 2 / (1 - w), twice

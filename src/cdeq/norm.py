@@ -203,6 +203,31 @@ def _rule_for(name: str, module: nn.Module, rules: Optional[Mapping[type, Rule]]
     return None
 
 
+def _targets(module: nn.Module, exclude: tuple, rules: Optional[Mapping[type, Rule]]) -> list:
+    """The (submodule, rule) pairs :func:`apply_norm` normalises; an error if there are none."""
+    for item in exclude:
+        if not isinstance(item, (str, type)):
+            raise TypeError(f"exclude: expected module names (str) or module types, got {item!r}")
+    targets = []
+    for name, sub in module.named_modules():
+        if _excluded(name, sub, exclude):
+            continue
+        if _ATTR in sub.__dict__:
+            raise RuntimeError(
+                f"apply_norm: module {name or type(sub).__name__!r} is already normalised; "
+                "call remove_norm first"
+            )
+        rule = _rule_for(name, sub, rules)
+        if rule is not None:
+            targets.append((sub, rule))
+    if not targets:
+        raise ValueError(
+            f"apply_norm: {type(module).__name__} has no module with a weight of 2 or more "
+            f"dimensions (or matching `rules`) left to normalise (exclude={exclude})"
+        )
+    return targets
+
+
 def _check_settings(kind: str, clip: Optional[float], target_norm: float, power_iters: int) -> str:
     kind = check_choice("kind", NORM_ALIASES.get(kind, kind), NORM_KINDS)
     if clip is not None and not clip > 0:
@@ -252,28 +277,7 @@ def apply_norm(
     kind = _check_settings(kind, clip, target_norm, power_iters)
     if rules is not None:
         rules = {cls: _as_rule(*rule, "rules") for cls, rule in rules.items()}
-    exclude = tuple(exclude)
-    for item in exclude:
-        if not isinstance(item, (str, type)):
-            raise TypeError(f"exclude: expected module names (str) or module types, got {item!r}")
-    targets = []
-    for name, sub in module.named_modules():
-        if _excluded(name, sub, exclude):
-            continue
-        if _ATTR in sub.__dict__:
-            raise RuntimeError(
-                f"apply_norm: module {name or type(sub).__name__!r} is already normalised; "
-                "call remove_norm first"
-            )
-        rule = _rule_for(name, sub, rules)
-        if rule is not None:
-            targets.append((sub, rule))
-    if not targets:
-        raise ValueError(
-            f"apply_norm: {type(module).__name__} has no module with a weight of 2 or more "
-            f"dimensions (or matching `rules`) left to normalise (exclude={exclude})"
-        )
-    for sub, (names, dims) in targets:
+    for sub, (names, dims) in _targets(module, tuple(exclude), rules):
         sub.__dict__[_ATTR] = {n: _Normalization(sub, n, d, kind, clip, scale, target_norm, power_iters)
                                for n, d in zip(names, dims)}
         sub.__class__ = _normalised_class(type(sub), names)

@@ -180,11 +180,7 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
         options = {**options, PER_SAMPLE: per_sample}
     layout = StateLayout(z0, "z0")
     with torch.no_grad():
-        z0_flat = layout.flatten(z0)
-        finite = torch.isfinite(z0_flat).all(dim=1)
-        if not bool(finite.all()):
-            bad = torch.nonzero(~finite).flatten().tolist()
-            raise ValueError(f"z0 contains NaN or Inf in sample(s) {bad}")
+        z0_flat = _finite(layout.flatten(z0))
         f_flat = _CountedF(f, layout)
         z, info = fn(f_flat, z0_flat, max_iter=max_iter, tol=float(tol), stop_mode=stop_mode,
                      return_states=return_states, trace=trace, **options)
@@ -205,6 +201,14 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
                 f"> {DIVERGENCE_RATIO:g}x its initial value); they are frozen at their last finite iterate",
                 RuntimeWarning, stacklevel=2)
     return layout.unflatten(z), info
+
+
+def _finite(z0: Tensor) -> Tensor:
+    finite = torch.isfinite(z0).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(f"z0 contains NaN or Inf in sample(s) {bad}")
+    return z0
 
 
 # Rounding slack of the check: a frozen sample's check residual may differ from the one that met tol
