@@ -1,9 +1,7 @@
-"""C-DEQ student, schedules and distillation (Eq. 5-11, Algorithms 1-2) on toy DEQs.
-
-The toy DEQs here are shared with test_trajectories, test_hyperdeq and test_direct.
-"""
+"""C-DEQ student, schedules and distillation (Eq. 5-11, Algorithms 1-2) on the toy DEQs of conftest."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -13,120 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import cdeq
-from cdeq.consistency.distill import check_state_shapes, distill, equilibrium_error, teacher_error
+from cdeq.consistency import DistillConfig, equilibrium_error, teacher_error
+from cdeq.consistency.distill import check_state_shapes, distill
 from cdeq.consistency.losses import relative_error
 from cdeq.consistency.schedule import TimeSchedule
 from cdeq.consistency.student import ConsistencyDEQ, anderson_step, batch_dot, batch_sq_norm
 from cdeq.consistency.trajectories import sample_trajectories
 from cdeq.models.protocol import DEQModel
 from cdeq.state import as_tuple
-
-
-class ToyDEQ(DEQModel):
-    """z* = tanh(W z* + U x), ||W||_2 = contraction < 1 (a contraction); logits = head(z)."""
-
-    feature_dim = -1
-
-    def __init__(self, d_in: int = 8, d: int = 32, classes: int = 4, contraction: float = 0.9, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.U = nn.Linear(d_in, d)
-        self.W = nn.Parameter(torch.randn(d, d, generator=g))
-        self.head = nn.Linear(d, classes)
-        with torch.no_grad():
-            self.W.mul_(contraction / torch.linalg.matrix_norm(self.W, 2))
-            self.U.weight.copy_(torch.randn(d, d_in, generator=g) * 1.5 / math.sqrt(d_in))
-            self.U.bias.zero_()
-            self.head.weight.copy_(torch.randn(classes, d, generator=g))
-            self.head.bias.zero_()
-
-    def inject(self, x):
-        return self.U(x)
-
-    def layer(self, z, u):
-        return torch.tanh(z @ self.W.t() + u)
-
-    def readout(self, z):
-        return self.head(z)
-
-    def init_state(self, u):
-        return torch.zeros_like(u)
-
-
-class ToyTupleDEQ(DEQModel):
-    """A two-part state (B, 3, 4) and (B, 5, 2), features on dim 1 (like MDEQ's branches)."""
-
-    feature_dim = 1
-
-    def __init__(self, d_in: int = 6, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        n = 3 * 4 + 5 * 2
-        self.U = nn.Linear(d_in, n)
-        self.W = nn.Parameter(torch.randn(n, n, generator=g))
-        with torch.no_grad():
-            self.W.mul_(0.8 / torch.linalg.matrix_norm(self.W, 2))
-        self.head = nn.Linear(n, 3)
-
-    def inject(self, x):
-        return self.U(x)
-
-    def _split(self, flat):
-        return flat[:, :12].reshape(-1, 3, 4), flat[:, 12:].reshape(-1, 5, 2)
-
-    def layer(self, z, u):
-        flat = torch.cat([z[0].flatten(1), z[1].flatten(1)], dim=1)
-        return self._split(torch.tanh(flat @ self.W.t() + u))
-
-    def readout(self, z):
-        return self.head(torch.cat([z[0].flatten(1), z[1].flatten(1)], dim=1))
-
-    def init_state(self, u):
-        return self._split(torch.zeros_like(u))
-
-
-class ToyGraphDEQ(DEQModel):
-    """One graph: x (1, N, F), state (1, N, d), z* = tanh(A z* W + x U) on a ring graph."""
-
-    feature_dim = -1
-
-    def __init__(self, n: int = 20, f: int = 5, d: int = 8, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        adj = torch.eye(n) + torch.roll(torch.eye(n), 1, 0) + torch.roll(torch.eye(n), -1, 0)
-        self.register_buffer("adj", adj / 3.0)
-        self.U = nn.Linear(f, d)
-        self.W = nn.Parameter(torch.randn(d, d, generator=g))
-        with torch.no_grad():
-            self.W.mul_(0.8 / torch.linalg.matrix_norm(self.W, 2))
-        self.head = nn.Linear(d, 3)
-
-    def inject(self, x):
-        return self.U(x)
-
-    def layer(self, z, u):
-        return torch.tanh(self.adj @ z @ self.W + u)
-
-    def readout(self, z):
-        return self.head(z)
-
-    def init_state(self, u):
-        return torch.zeros_like(u)
-
-
-def toy_batches(teacher: ToyDEQ, n: int = 1024, batch: int = 128, seed: int = 1, d_in: int = 8):
-    """Synthetic inputs with the teacher's own equilibrium predictions as labels."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d_in, generator=g)
-    with torch.no_grad():
-        u = teacher.inject(x)
-        z, _ = cdeq.solve(lambda z: teacher.layer(z, u), teacher.init_state(u), max_iter=100, tol=1e-7)
-        y = teacher.readout(z).argmax(-1)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
-
-
-def toy_trajectories(teacher: nn.Module, batches, steps: int = 20, **kw):
-    return sample_trajectories(teacher, batches, steps=steps, solver_options={"m": 5}, **kw)
+from conftest import ToyDEQ, ToyGraphDEQ, ToyTupleDEQ, count_layer_calls, toy_batches, toy_trajectories
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,7 +45,7 @@ def test_schedule_rejects_bad_values():
     s = TimeSchedule()
     with pytest.raises(ValueError, match="t: times must lie in"):
         s.c_skip(s.T + 0.5)
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match="nfe"):
         s.inference_times(0)
     with pytest.raises(ValueError, match="schedule"):
         s.inference_times(2, [s.eps, s.T + 1])
@@ -179,8 +72,8 @@ def test_student_starts_as_teacher_and_meets_boundary_condition():
         assert student.g(z, 0.01, hz) is hz  # c_skip(eps) = 0, c_out = 1: the first step is P itself
     with pytest.raises(ValueError, match="times must lie in"):
         student.h(z, 1.5, u)
-    with pytest.raises(ValueError, match="steps"):
-        student.infer(x, steps=0)
+    with pytest.raises(ValueError, match="nfe"):
+        student.infer(x, nfe=0)
     with pytest.raises(ValueError, match="structure"):
         ConsistencyDEQ(teacher, structure="broyden")
 
@@ -231,31 +124,19 @@ def test_anderson_step_with_exact_h_is_two_step_anderson():
             assert torch.allclose(ours, zs[k + 1], atol=1e-10)
 
 
-def _count_layer_calls(module: DEQModel) -> list[int]:
-    calls = [0]
-    layer = module.layer
-
-    def counted(z, u):
-        calls[0] += 1
-        return layer(z, u)
-
-    module.layer = counted
-    return calls
-
-
 @pytest.mark.parametrize("structure", ["anderson", "plain"])
 def test_inference_costs_one_network_evaluation_per_step(structure):
     student = ConsistencyDEQ(ToyDEQ(), structure=structure)
     x = torch.randn(4, 8)
     student.build(x)
-    calls = _count_layer_calls(student.backbone)
+    calls = count_layer_calls(student.backbone)
     for J in (1, 2, 5):
         calls[0] = 0
-        z = student.infer(x, steps=J)
+        z = student.infer(x, nfe=J)
         assert calls[0] == J and student.nfe == J
         assert z.shape == (4, 32)
     calls[0] = 0
-    assert student.predict(x, steps=3).shape == (4, 4) and calls[0] == 3
+    assert student.predict(x, nfe=3).shape == (4, 4) and calls[0] == 3
 
 
 def _perturbed_student(teacher: nn.Module, x: torch.Tensor) -> ConsistencyDEQ:
@@ -270,11 +151,11 @@ def _perturbed_student(teacher: nn.Module, x: torch.Tensor) -> ConsistencyDEQ:
 def test_fused_inference_matches_the_eager_steps(teacher_cls, d_in):
     x = torch.randn(6, d_in, generator=torch.Generator().manual_seed(0))
     student = _perturbed_student(teacher_cls(), x)
-    eager = student.infer(x, steps=4)
+    eager = student.infer(x, nfe=4)
     student.fused = True
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would fail here
-        fused = student.infer(x, steps=4)
+        fused = student.infer(x, nfe=4)
     assert student.fused and student.nfe == 4
     for a, b in zip(as_tuple(eager), as_tuple(fused)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -283,14 +164,14 @@ def test_fused_inference_matches_the_eager_steps(teacher_cls, d_in):
 def test_fused_inference_falls_back_to_eager_when_it_cannot_compile(monkeypatch):
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     student = _perturbed_student(ToyDEQ(), x)
-    eager = student.infer(x, steps=3)
+    eager = student.infer(x, nfe=3)
 
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler")
     monkeypatch.setattr("cdeq.consistency.student.fused_inference_step", lambda: no_compiler)
     student.fused = True
     with pytest.warns(RuntimeWarning, match="could not be compiled .*no C\\+\\+ compiler.*running it eager"):
-        out = student.infer(x, steps=3)
+        out = student.infer(x, nfe=3)
     assert not student.fused and torch.equal(out, eager)
 
 
@@ -300,11 +181,11 @@ def test_nfe1_is_h_at_z0_and_custom_schedule():
     x = torch.randn(4, 8)
     with torch.no_grad():
         u = teacher.inject(x)
-        assert torch.allclose(student.infer(x, steps=1), teacher.layer(teacher.init_state(u), u), atol=1e-6)
-    out = student.infer(x, steps=2, schedule=[0.05, 0.5])
+        assert torch.allclose(student.infer(x, nfe=1), teacher.layer(teacher.init_state(u), u), atol=1e-6)
+    out = student.infer(x, nfe=2, schedule=[0.05, 0.5])
     assert out.shape == (4, 32)
     with pytest.raises(ValueError, match="schedule"):
-        student.infer(x, steps=2, schedule=[0.05, 1.5])
+        student.infer(x, nfe=2, schedule=[0.05, 1.5])
 
 
 def test_state_dict_round_trip_builds_w():
@@ -315,7 +196,7 @@ def test_state_dict_round_trip_builds_w():
     b = ConsistencyDEQ(teacher)
     b.load_state_dict(a.state_dict())
     x = torch.randn(3, 8)
-    assert torch.allclose(a.infer(x, steps=3), b.infer(x, steps=3))
+    assert torch.allclose(a.infer(x, nfe=3), b.infer(x, nfe=3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,8 +209,9 @@ def distilled():
     out = {"teacher": teacher, "test": test}
     for structure in ("anderson", "plain"):
         student = ConsistencyDEQ(teacher, structure=structure)
-        distill(student, train, steps=600, lambda_task=0.0, rollout_steps=4, progress=False, eval_nfes=())
-        out[structure] = equilibrium_error(lambda x, k: student.infer(x, steps=k), test, [1, 2, 4])
+        cfg = DistillConfig(steps=600, lambda_task=0.0, rollout_steps=4, anchor_weight=0.0)
+        distill(student, train, cfg, progress=False)
+        out[structure] = equilibrium_error(student.state, test, [1, 2, 4])
     return out
 
 
@@ -352,19 +234,19 @@ def test_distill_rejects_other_teacher_and_wrong_shapes():
     traj = toy_trajectories(teacher, toy_batches(teacher, n=64, batch=32), steps=4)
     other = ConsistencyDEQ(ToyDEQ(seed=1))
     with pytest.raises(ValueError, match="another teacher"):
-        distill(other, traj, steps=1, progress=False)
+        distill(other, traj, DistillConfig(steps=1), progress=False)
     with pytest.raises(ValueError, match="wrong shape"):
         check_state_shapes(torch.zeros(2, 31), traj)
-    with pytest.raises(ValueError, match="lambda_global"):
-        distill(ConsistencyDEQ(teacher), traj, steps=1, lambda_global=1.5)
+    with pytest.raises(TypeError, match="DistillConfig"):
+        distill(ConsistencyDEQ(teacher), traj, {"steps": 1})
 
 
 def test_distill_resumes_after_a_kill(tmp_path, monkeypatch):
     teacher = ToyDEQ()
     traj = toy_trajectories(teacher, toy_batches(teacher, n=128, batch=64), steps=6)
-    kw = dict(steps=12, checkpoint_every=4, progress=False, eval_nfes=(), rollout_steps=2)
+    cfg = DistillConfig(steps=12, checkpoint_every=4, rollout_steps=2)
     ref = ConsistencyDEQ(teacher)
-    distill(ref, traj, checkpoint_dir=tmp_path / "ref", **kw)
+    distill(ref, traj, cfg, run_dir=tmp_path / "ref", progress=False)
 
     student = ConsistencyDEQ(teacher)
     sample, calls = traj.sample, [0]
@@ -377,15 +259,16 @@ def test_distill_resumes_after_a_kill(tmp_path, monkeypatch):
 
     monkeypatch.setattr(traj, "sample", dying_sample)
     with pytest.raises(KeyboardInterrupt):
-        distill(student, traj, checkpoint_dir=tmp_path / "run", **kw)
+        distill(student, traj, cfg, run_dir=tmp_path / "run", progress=False)
     monkeypatch.setattr(traj, "sample", sample)
     resumed = ConsistencyDEQ(teacher)
-    result = distill(resumed, traj, checkpoint_dir=tmp_path / "run", **kw)
-    assert result["history"][-1]["step"] == 12
+    history = distill(resumed, traj, cfg, run_dir=tmp_path / "run", progress=False)
+    assert history[-1]["step"] == 12
     for (name, p), q in zip(ref.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="other settings"):
-        distill(ConsistencyDEQ(teacher), traj, checkpoint_dir=tmp_path / "run", **{**kw, "lr": 0.5})
+        distill(ConsistencyDEQ(teacher), traj, dataclasses.replace(cfg, lr=0.5), run_dir=tmp_path / "run",
+                progress=False)
 
 
 class DropoutToyDEQ(ToyDEQ):
@@ -404,7 +287,7 @@ def test_distill_does_not_depend_on_the_global_random_state_before_it():
     for before in (1, 2):
         torch.manual_seed(before)
         students.append(ConsistencyDEQ(teacher))
-        distill(students[-1], traj, steps=6, progress=False, eval_nfes=(), rollout_steps=2, seed=3)
+        distill(students[-1], traj, DistillConfig(steps=6, rollout_steps=2, seed=3), progress=False)
     for (name, p), q in zip(students[0].named_parameters(), students[1].parameters()):
         assert torch.equal(p, q), name
     assert not torch.equal(students[0].backbone.U.weight, teacher.U.weight)  # it did train
@@ -416,12 +299,12 @@ def test_tuple_state_student_runs_infer_predict_distill():
     batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
     traj = sample_trajectories(teacher, batches, steps=5)
     student = ConsistencyDEQ(teacher)
-    result = distill(student, traj, steps=5, batch_size=8, progress=False, eval_nfes=(1, 2))
+    distill(student, traj, DistillConfig(steps=5, batch_size=8), progress=False)
     assert len(student.proj) == 2
-    z = student.infer(batches[0][0], steps=3)
+    z = student.infer(batches[0][0], nfe=3)
     assert isinstance(z, tuple) and z[0].shape == (16, 3, 4) and z[1].shape == (16, 5, 2)
-    assert student.predict(batches[0][0], steps=2).shape == (16, 3)
-    assert set(result["eval"]["student"]) == {1, 2}
+    assert student.predict(batches[0][0], nfe=2).shape == (16, 3)
+    assert set(equilibrium_error(student.state, traj, (1, 2))) == {1, 2}
 
 
 def test_one_graph_student_runs_infer_predict_distill():
@@ -431,10 +314,10 @@ def test_one_graph_student_runs_infer_predict_distill():
     y[::4] = -100
     traj = sample_trajectories(teacher, [(x, y)], steps=6)
     student = ConsistencyDEQ(teacher)
-    result = distill(student, traj, steps=6, batch_size=4, progress=False)
-    assert "task" in result["history"][-1]
-    assert student.infer(x, steps=2).shape == (1, 20, 8)
-    assert student.predict(x, steps=2).shape == (1, 20, 3)
+    history = distill(student, traj, DistillConfig(steps=6, batch_size=4), progress=False)
+    assert "task" in history[-1]
+    assert student.infer(x, nfe=2).shape == (1, 20, 8)
+    assert student.predict(x, nfe=2).shape == (1, 20, 3)
 
 
 def test_anchor_ties_the_students_fixed_point_to_the_teachers():
@@ -449,13 +332,13 @@ def test_anchor_ties_the_students_fixed_point_to_the_teachers():
     for w in (0.0, 10.0):
         torch.manual_seed(0)
         student = ConsistencyDEQ(teacher)
-        distill(student, train, steps=200, lambda_task=0.0, rollout_steps=4, anchor_weight=w, progress=False,
-                eval_nfes=())
+        distill(student, train, DistillConfig(steps=200, lambda_task=0.0, rollout_steps=4, anchor_weight=w),
+                progress=False)
         with torch.no_grad():
             u = student.inject(x)
             anchor_err[w] = max(float(relative_error(student.h(z_star, t, u), z_star).mean()) for t in (0.01, 0.5, 1.0))
-        steps_err[w] = equilibrium_error(lambda xx, k: student.infer(xx, steps=k), test, [8])[8]
+        steps_err[w] = equilibrium_error(student.state, test, [8])[8]
     assert anchor_err[10.0] * 2 < anchor_err[0.0], anchor_err
     assert steps_err[10.0] < steps_err[0.0], steps_err
     with pytest.raises(ValueError, match="anchor_weight"):
-        distill(ConsistencyDEQ(teacher), train, steps=1, anchor_weight=-1.0)
+        DistillConfig(anchor_weight=-1.0)

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_consistency import ToyDEQ, toy_batches
+from conftest import ToyDEQ, toy_batches
 
 from cdeq.baselines import train_direct
-from cdeq.consistency import ConsistencyDEQ, sample_trajectories
+from cdeq.consistency import ConsistencyDEQ, DirectConfig, sample_trajectories
 
 
 def _accuracy(model, batches, J):
-    hits = sum(int((model.predict(x, steps=J).argmax(-1) == y).sum()) for x, y in batches)
+    hits = sum(int((model.predict(x, nfe=J).argmax(-1) == y).sum()) for x, y in batches)
     return hits / sum(len(y) for _, y in batches)
 
 
@@ -20,10 +20,10 @@ def test_direct_baseline_learns_the_task_at_its_nfe():
     traj = sample_trajectories(teacher, train, steps=3)
     model = ConsistencyDEQ(teacher, structure="anderson")
     before = _accuracy(model, train, 2)
-    history = train_direct(model, traj, nfe=2, steps=150, progress=False)
+    history = train_direct(model, traj, DirectConfig(nfe=2, steps=150), progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
     assert _accuracy(model, train, 2) > before
-    model.infer(train[0][0], steps=2)
+    model.infer(train[0][0], nfe=2)
     assert model.nfe == 2
 
 
@@ -32,6 +32,8 @@ def test_direct_baseline_checks_its_arguments():
     with_labels = sample_trajectories(teacher, toy_batches(teacher, n=32, batch=32), steps=2)
     no_labels = sample_trajectories(teacher, [torch.randn(8, 8)], steps=2)
     with pytest.raises(ValueError, match="nfe"):
-        train_direct(ConsistencyDEQ(teacher), with_labels, nfe=0, steps=1)
+        DirectConfig(nfe=0)
+    with pytest.raises(TypeError, match="DirectConfig"):
+        train_direct(ConsistencyDEQ(teacher), with_labels, {"nfe": 1})
     with pytest.raises(ValueError, match="labels"):
-        train_direct(ConsistencyDEQ(teacher), no_labels, nfe=1, steps=1)
+        train_direct(ConsistencyDEQ(teacher), no_labels, DirectConfig(steps=1))

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_consistency import ToyDEQ, ToyTupleDEQ, _count_layer_calls, toy_batches
+from conftest import ToyDEQ, ToyTupleDEQ, count_layer_calls, toy_batches
 
 import cdeq
 from cdeq.baselines import HyperDEQ, train_hyperdeq
-from cdeq.consistency import equilibrium_error, sample_trajectories, teacher_error
+from cdeq.consistency import HyperDEQConfig, equilibrium_error, sample_trajectories, teacher_error
 
 
 def test_untrained_hyperdeq_is_classic_anderson_and_counts_nfe():
@@ -15,12 +15,12 @@ def test_untrained_hyperdeq_is_classic_anderson_and_counts_nfe():
     hyper = HyperDEQ(teacher, m=3, tau=0.8)
     x = torch.randn(6, 8)
     hyper.build(x)
-    calls = _count_layer_calls(hyper.teacher)
+    calls = count_layer_calls(hyper.teacher)
     with torch.no_grad():
         u = teacher.inject(x)
         for k in (0, 1, 4):
             calls[0] = 0
-            z = hyper.solve(x, nfe=k)
+            z = hyper.state(x, nfe=k)
             assert calls[0] == k and hyper.nfe == k  # the initialiser calls no f
             _, info = cdeq.solve(lambda z: teacher.layer(z, u), teacher.init_state(u), m=3, tau=0.8,
                                  max_iter=max(k, 1), tol=0.0, return_states=[k])
@@ -32,9 +32,9 @@ def test_hyperdeq_beats_anderson_at_two_nfe():
     train = sample_trajectories(teacher, toy_batches(teacher, n=1024, seed=1), steps=20, solver_options={"m": 5})
     test = sample_trajectories(teacher, toy_batches(teacher, n=512, seed=2), steps=20, solver_options={"m": 5})
     hyper = HyperDEQ(teacher, m=5)
-    history = train_hyperdeq(hyper, train, steps=300, train_nfe=4, progress=False)
+    history = train_hyperdeq(hyper, train, HyperDEQConfig(steps=300, train_nfe=4), progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
-    ours = equilibrium_error(lambda x, k: hyper.solve(x, nfe=k), test, [2])
+    ours = equilibrium_error(lambda x, k: hyper.state(x, nfe=k), test, [2])
     anderson = teacher_error(test, [2])  # the teacher's own Anderson iterate after 2 calls of f
     assert ours[2] < 0.7 * anderson[2], (ours, anderson)
 
@@ -49,4 +49,12 @@ def test_unalignable_injection_is_an_error_and_state_dict_round_trip():
         a.init_nets[0].out.weight.normal_()
     b = HyperDEQ(toy)
     b.load_state_dict(a.state_dict())
-    assert torch.allclose(a.solve(torch.ones(2, 8), nfe=2), b.solve(torch.ones(2, 8), nfe=2))
+    assert torch.allclose(a.state(torch.ones(2, 8), nfe=2), b.state(torch.ones(2, 8), nfe=2))
+
+
+def test_solve_is_the_deprecated_name_of_state():
+    hyper = HyperDEQ(ToyDEQ(), example=torch.randn(2, 8))
+    x = torch.randn(2, 8)
+    with pytest.warns(DeprecationWarning, match="HyperDEQ.state"):
+        z = hyper.solve(x, 2)
+    assert torch.equal(z, hyper.state(x, 2))

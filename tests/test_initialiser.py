@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_consistency import ToyDEQ, ToyGraphDEQ, toy_batches, toy_trajectories
+from conftest import ToyDEQ, ToyGraphDEQ, toy_batches, toy_trajectories
 
-from cdeq.consistency import ConsistencyDEQ, distill, equilibrium_error
+from cdeq.consistency import ConsistencyDEQ, DistillConfig, distill, equilibrium_error
 from cdeq.consistency.initialiser import StateInitialiser, pointwise_linear
 
 
@@ -18,7 +18,7 @@ def test_untrained_learned_init_starts_at_the_teachers_z0(init):
     learned.load_state_dict({**paper.state_dict(), **{k: v for k, v in learned.state_dict().items()
                                                       if k.startswith("initialiser.")}})
     for k in (1, 3):
-        assert torch.equal(paper.infer(x, steps=k), learned.infer(x, steps=k))
+        assert torch.equal(paper.infer(x, nfe=k), learned.infer(x, nfe=k))
     hidden = [m.inp for m in learned.initialiser]
     assert hidden == [None] if init == "linear" else all(h.out_features == 64 for h in hidden)
 
@@ -42,8 +42,8 @@ def test_state_dict_round_trip_builds_the_initialiser(teacher_cls, x, init):
             p.normal_()
     b = ConsistencyDEQ(teacher, init=init)
     b.load_state_dict(a.state_dict())
-    assert not torch.equal(a.infer(x, steps=2), ConsistencyDEQ(teacher, example=x).infer(x, steps=2))
-    assert torch.allclose(a.infer(x, steps=2), b.infer(x, steps=2))
+    assert not torch.equal(a.infer(x, nfe=2), ConsistencyDEQ(teacher, example=x).infer(x, nfe=2))
+    assert torch.allclose(a.infer(x, nfe=2), b.infer(x, nfe=2))
 
 
 def test_distillation_trains_the_initialiser_and_it_helps_the_first_step():
@@ -58,8 +58,8 @@ def test_distillation_trains_the_initialiser_and_it_helps_the_first_step():
     for init in ("zeros", "linear"):
         torch.manual_seed(0)
         student = ConsistencyDEQ(teacher, init=init)
-        distill(student, train, steps=300, lambda_task=0.0, rollout_steps=2, progress=False, eval_nfes=())
-        err[init] = equilibrium_error(lambda x, k: student.infer(x, steps=k), test, [1, 2])
+        distill(student, train, DistillConfig(steps=300, lambda_task=0.0, rollout_steps=2, anchor_weight=0.0), progress=False)
+        err[init] = equilibrium_error(student.state, test, [1, 2])
         if init == "linear":
             assert student.initialiser[0].out.weight.abs().max() > 1e-3
     assert err["linear"][1] < 0.9 * err["zeros"][1] and err["linear"][2] < 0.8 * err["zeros"][2], err

@@ -199,20 +199,17 @@ def test_invalid_table_is_rejected():
         validate_table(bad)
 
 
-def test_new_student_settings_leave_earlier_stage_keys_unchanged(tmp_path):
-    """student_init, rollout_weight and anchor_weight enter the students' stage keys only away from
-    the values they had before the settings existed (zeros, 1.0, 0.0), so the stages of earlier runs
-    stay cached."""
+def test_stage_keys_hold_a_version_and_every_student_setting(tmp_path, monkeypatch):
+    """A stage's key holds its STAGE_VERSION (bumping it recomputes that stage in old run
+    directories) and every setting of the student, whatever its value."""
     def run(**settings):
         return pipeline.Run(pipeline.PipelineConfig(task="cora", out=str(tmp_path), settings=settings))
 
     old = run(student_init="zeros", rollout_weight=1.0, anchor_weight=0.0)
-    assert "init" not in old.student_options()
-    key = settings.key_fields(old.distill_settings())
-    assert "rollout_weight" not in key and "anchor_weight" not in key
-    # distill itself still gets the values (its own defaults are 10 for both)
-    assert old.distill_settings()["rollout_weight"] == 1.0 and old.distill_settings()["anchor_weight"] == 0.0
-    new = run()  # the defaults: a learned linear z_0, rollout weight 10, anchor weight 10
-    assert new.student_options()["init"] == "linear"
-    key = settings.key_fields(new.distill_settings())
-    assert key["rollout_weight"] == 10.0 and key["anchor_weight"] == 10.0
+    assert old.student_options()["init"] == "zeros"
+    cfg = settings.distill_config(old.s, seed=0)
+    assert (cfg.rollout_weight, cfg.anchor_weight, cfg.rollout_steps) == (1.0, 0.0, 8)
+    stage = pipeline.Stage(tmp_path, "cdeq", {"a": 1}, kind="student")
+    monkeypatch.setitem(settings.STAGE_VERSION, "student", settings.STAGE_VERSION["student"] + 1)
+    assert pipeline.Stage(tmp_path, "cdeq", {"a": 1}, kind="student").key != stage.key
+    assert run().student_options()["init"] == "linear"

@@ -1,4 +1,4 @@
-"""The generic training loop: schedule, checkpoints, resume after a kill, best-model selection."""
+"""The one training loop: schedule, checkpoints, resume after a kill, best-model selection, hooks."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from cdeq.io import load_checkpoint, random_state, restore_random_state, save_checkpoint
-from cdeq.training import BEST, CHECKPOINT, METRICS, TrainConfig, fit, lr_factor
+from cdeq.training import BEST, CHECKPOINT, METRICS, OptimConfig, TrainLoop, epoch_stream, lr_factor
+
+
+def fit(model, loss_fn, batches, cfg, run_dir, **options):
+    """A supervised run through :class:`TrainLoop` (what the tasks' teacher training does)."""
+    loop = TrainLoop(model, lambda b: loss_fn(model, b), epoch_stream(batches), cfg, run_dir, progress=False, **options)
+    return loop.run()
 
 
 class _Killed(RuntimeError):
@@ -47,7 +53,7 @@ def _loss(kill_at: int | None = None):
 
 
 def test_lr_factor_warmup_then_cosine():
-    cfg = TrainConfig(steps=10, lr=1.0, warmup=2, min_lr_ratio=0.1)
+    cfg = OptimConfig(steps=10, lr=1.0, warmup=2, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.5)
     assert lr_factor(2, cfg) == pytest.approx(1.0)
     assert lr_factor(10, cfg) == pytest.approx(0.1)
@@ -56,21 +62,25 @@ def test_lr_factor_warmup_then_cosine():
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="steps"):
-        TrainConfig(steps=0, lr=1e-3)
+        OptimConfig(steps=0, lr=1e-3)
     with pytest.raises(ValueError, match="lr"):
-        TrainConfig(steps=1, lr=0.0)
+        OptimConfig(steps=1, lr=0.0)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        OptimConfig(min_lr_ratio=1.5)
+    with pytest.raises(TypeError, match="OptimConfig"):
+        TrainLoop(nn.Linear(2, 2), lambda b: None, epoch_stream(lambda e: []), {"steps": 1})
 
 
 def test_fit_trains_and_writes_checkpoint_and_metrics(tmp_path):
     make, batches = _problem()
     model = make()
-    cfg = TrainConfig(steps=30, lr=5e-2, checkpoint_every=7, log_every=5)
-    metrics = fit(model, _loss(), batches, cfg, tmp_path, progress=False)
+    cfg = OptimConfig(steps=30, lr=5e-2, checkpoint_every=7, log_every=5)
+    metrics = fit(model, _loss(), batches, cfg, tmp_path)
     losses = [h["loss"] for h in metrics["history"] if "loss" in h]
     assert losses[-1] < losses[0] / 2
     ckpt = load_checkpoint(tmp_path / CHECKPOINT)  # weights_only=True
     assert ckpt["step"] == 30 and ckpt["epoch"] == 9 and ckpt["offset"] == 3
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "rng", "config", "history"}
+    assert set(ckpt) >= {"model", "optimizer", "rng", "config", "history"}
     on_disk = json.loads((tmp_path / METRICS).read_text())
     assert on_disk["steps"] == 30 and on_disk["config"]["lr"] == 5e-2
     restored = make()
@@ -82,17 +92,17 @@ def test_fit_trains_and_writes_checkpoint_and_metrics(tmp_path):
 @pytest.mark.parametrize("kill_at", [5, 7])  # mid-epoch and right after an epoch boundary
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, kill_at):
     make, batches = _problem()
-    cfg = TrainConfig(steps=10, lr=1e-2, warmup=2, checkpoint_every=2, log_every=1)
+    cfg = OptimConfig(steps=10, lr=1e-2, warmup=2, checkpoint_every=2, log_every=1)
     straight = make()
-    fit(straight, _loss(), batches, cfg, tmp_path / "a", progress=False)
+    fit(straight, _loss(), batches, cfg, tmp_path / "a")
 
     killed = make()
     with pytest.raises(_Killed):
-        fit(killed, _loss(kill_at=kill_at), batches, cfg, tmp_path / "b", progress=False)
+        fit(killed, _loss(kill_at=kill_at), batches, cfg, tmp_path / "b")
     saved = load_checkpoint(tmp_path / "b" / CHECKPOINT)["step"]
     assert saved == 2 * ((kill_at - 1) // 2)
     resumed = make()  # a fresh process: new model, resumed from the checkpoint
-    fit(resumed, _loss(), batches, cfg, tmp_path / "b", progress=False)
+    fit(resumed, _loss(), batches, cfg, tmp_path / "b")
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     hist_a = json.loads((tmp_path / "a" / METRICS).read_text())["history"]
@@ -102,9 +112,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, kill_at):
 
 def test_resume_refuses_another_config(tmp_path):
     make, batches = _problem()
-    fit(make(), _loss(), batches, TrainConfig(steps=2, lr=1e-2), tmp_path, progress=False)
+    fit(make(), _loss(), batches, OptimConfig(steps=2, lr=1e-2), tmp_path)
     with pytest.raises(ValueError, match="resume"):
-        fit(make(), _loss(), batches, TrainConfig(steps=3, lr=1e-2), tmp_path, progress=False)
+        fit(make(), _loss(), batches, OptimConfig(steps=3, lr=1e-2), tmp_path)
 
 
 def test_select_keeps_the_best_validation_model(tmp_path):
@@ -118,8 +128,8 @@ def test_select_keeps_the_best_validation_model(tmp_path):
         snapshots[value] = {k: v.clone() for k, v in m.state_dict().items()}
         return {"acc": value}
 
-    cfg = TrainConfig(steps=6, lr=1e-2, eval_every=2)
-    metrics = fit(model, _loss(), batches, cfg, tmp_path, evaluate=evaluate, select="acc", progress=False)
+    cfg = OptimConfig(steps=6, lr=1e-2, eval_every=2)
+    metrics = fit(model, _loss(), batches, cfg, tmp_path, evaluate=evaluate, select="acc")
     assert metrics["best"] == {"step": 4, "value": 0.9}
     assert (tmp_path / BEST).exists()
     for k, v in model.state_dict().items():  # the best weights are loaded at the end
@@ -156,3 +166,27 @@ def test_random_state_restores_cuda_generators_when_the_devices_match(monkeypatc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     restore_random_state(state)
     assert restored == [state["cuda"]]
+
+
+def test_after_step_hook_runs_once_per_step_and_the_floor_is_a_setting(tmp_path):
+    make, batches = _problem()
+    seen = []
+
+    class Recording(TrainLoop):
+        def after_step(self):
+            seen.append(self.optimizer.param_groups[0]["lr"])
+
+    model = make()
+    cfg = OptimConfig(steps=5, lr=1.0, min_lr_ratio=0.1)
+    Recording(model, lambda b: _loss()(model, b), epoch_stream(batches), cfg, progress=False).run()
+    assert seen == pytest.approx([lr_factor(s, cfg) for s in range(5)])
+    assert seen[-1] > 0.1
+
+
+def test_a_run_without_a_terminal_prints_one_summary_line(tmp_path, capsys):
+    make, batches = _problem()
+    model = make()
+    TrainLoop(model, lambda b: _loss()(model, b), epoch_stream(batches), OptimConfig(steps=12, lr=1e-2),
+              name="quiet").run()  # progress=None: a bar only on a terminal, and pytest's stderr is not one
+    out, err = capsys.readouterr()
+    assert out.count("[quiet] 12 steps") == 1 and "quiet" not in err

@@ -128,7 +128,7 @@ def student_latency(student: ConsistencyDEQ, teacher: Any, x: Any, budgets: list
         return teacher.readout(z)
     fns: dict[str, Callable[[], object]] = {}
     for k in budgets:
-        fns[f"cdeq{k}"] = lambda k=k: student.predict(x, steps=k)
+        fns[f"cdeq{k}"] = lambda k=k: student.predict(x, nfe=k)
         fns[f"bare{k}"] = lambda k=k: bare(k)
     times = time_rounds_ms(fns, device, warmup=3, repeats=repeats)
     return {str(k): {"cdeq_ms": statistics.median(times[f"cdeq{k}"]), "bare_ms": statistics.median(times[f"bare{k}"]),

@@ -1,17 +1,21 @@
-"""The generic training loop: AdamW with a warm-up + cosine schedule, resumable after a kill.
+"""One training loop for every trainer in cdeq: teacher, explicit baseline, distillation, HyperDEQ, direct.
 
-:func:`fit` trains any ``nn.Module`` given a loss function and a seeded batch stream; teachers,
-explicit baselines, and whoever else needs a plain supervised loop share it. It writes into
-``run_dir``:
+:class:`TrainLoop` runs AdamW with a warm-up + cosine learning rate that decays to a floor
+(:class:`OptimConfig`), gradient clipping, a progress bar that is quiet when the output is not a
+terminal (one summary line per run instead), and atomic checkpoints every ``checkpoint_every``
+steps (:func:`cdeq.io.save_checkpoint`, loaded with ``weights_only=True``). Its parts:
 
-- ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end, atomically
-  (:func:`cdeq.io.save_checkpoint`): model, optimiser, scheduler, step, epoch and position in
-  it, the torch RNG state and the history; loaded with ``weights_only=True``;
-- ``best.pt`` (model weights only) whenever the validation metric improves, if there is one;
-- ``metrics.json`` at the end: the config, the history, the final evaluation and the wall time.
+- ``model``: the module trained and checkpointed (a teacher, or a loss module such as
+  :class:`cdeq.consistency.ConsistencyLoss` that holds the student and its EMA target);
+- ``loss(batch) -> (loss, terms)``: one batch's loss and the named terms averaged into the history;
+- ``batches(epoch, offset)``: the seeded batches of an epoch from position ``offset`` on, so a
+  resumed run sees exactly the batches the uninterrupted run saw;
+- :meth:`TrainLoop.after_step`: the hook subclasses override (the distillation loop's EMA update).
 
-Resuming reloads all of it and replays the epoch's seeded batch order up to the saved position,
-so a run killed after any checkpoint and resumed ends exactly where an uninterrupted run ends.
+Seeding rule: torch's global stream (dropout) is seeded with ``cfg.seed`` when the loop starts and
+restored from the checkpoint on resume, so a run never depends on what its process did before.
+It writes into ``run_dir`` (if given): ``checkpoint.pt``, ``best.pt`` (the best validation weights,
+if ``select`` is given) and ``metrics.json`` at the end.
 """
 from __future__ import annotations
 
@@ -20,37 +24,42 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cdeq.config import check_int, check_number
 from cdeq.io import atomic_write_json, load_checkpoint, random_state, restore_random_state, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS = "metrics.json"
 
+LossFn = Callable[[Any], tuple[Tensor, dict[str, Any]]]
+BatchStream = Callable[[int, int], Iterable[Any]]
+Evaluate = Callable[[nn.Module], dict[str, float]]
 
-@dataclass
-class TrainConfig:
-    """Settings of :func:`fit`.
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule settings of a training run.
 
     Args:
         steps: optimiser steps in all.
-        lr: peak learning rate (after ``warmup`` linear steps, then cosine decay to
-            ``lr * min_lr_ratio`` at ``steps``).
+        lr: peak learning rate, reached after ``warmup`` linear steps, then cosine decay to
+            ``lr * min_lr_ratio`` (the schedule's floor) at ``steps``.
         weight_decay: AdamW's decoupled weight decay.
         grad_clip: clip the global gradient norm to this (None: no clipping).
-        checkpoint_every: steps between checkpoints.
+        checkpoint_every: steps between checkpoints (and one at the end).
         eval_every: steps between validation evaluations (0: only at the end).
-        log_every: steps between history entries (the running mean of the loss terms).
-        seed: seeds the model's RNG stream (dropout, penalties) and the batch order.
+        log_every: steps between history entries (running means of the loss terms).
+        seed: seeds the global random stream (dropout) and the batch order.
     """
 
-    steps: int
-    lr: float
+    steps: int = 1000
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup: int = 0
     min_lr_ratio: float = 0.0
@@ -62,166 +71,209 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoint_every", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
-        if self.warmup < 0 or self.eval_every < 0:
-            raise ValueError(f"warmup/eval_every: expected >= 0, got {self.warmup}/{self.eval_every}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio!r}")
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup", "eval_every", "seed"):
+            check_int(name, getattr(self, name), 0)
+        check_number("lr", self.lr, 0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0.0)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if self.grad_clip is not None:
+            check_number("grad_clip", self.grad_clip, 0.0, low_open=True)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """The schedule's multiplier of ``cfg.lr`` at ``step``: linear warm-up, then cosine decay."""
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """The schedule's multiplier of ``cfg.lr`` at ``step``: linear warm-up, then cosine to the floor."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, float]]]
-BatchStream = Callable[[int], Iterable[Any]]
-Evaluate = Callable[[nn.Module], dict[str, float]]
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random generator of one training step: the same (seed, step) draws the same batch."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
-def fit(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches: BatchStream,
-    cfg: TrainConfig,
-    run_dir: str | Path,
-    *,
-    evaluate: Optional[Evaluate] = None,
-    select: Optional[str] = None,
-    maximize: bool = True,
-    after_step: Optional[Callable[[], None]] = None,
-    resume: bool = True,
-    device: str | torch.device = "cpu",
-    name: str = "train",
-    meta: Optional[dict[str, Any]] = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train ``model`` and return the metrics that also go to ``run_dir/metrics.json``.
+def epoch_stream(batches: Callable[[int], Iterable[Any]]) -> BatchStream:
+    """A :data:`BatchStream` from ``epoch -> iterable`` whose order cannot skip: resuming replays it."""
+
+    def stream(epoch: int, offset: int) -> Iterator[Any]:
+        it = iter(batches(epoch))
+        for _ in range(offset):
+            next(it)
+        return it
+    return stream
+
+
+def progress_bar(total: int, initial: int, desc: str, progress: Optional[bool]) -> tqdm:
+    """A tqdm bar; ``progress=None`` shows it only when stderr is a terminal."""
+    return tqdm(total=total, initial=initial, desc=desc, disable=None if progress is None else not progress,
+                mininterval=5.0)
+
+
+class TrainLoop:
+    """Train ``model`` on ``loss`` over ``batches`` for ``cfg.steps`` steps; :meth:`run` returns the metrics.
 
     Args:
-        loss_fn: ``(model, batch) -> (loss, logs)``; ``logs`` maps names to floats that are
-            averaged into the history (e.g. the solver's NFE and residual).
-        batches: ``epoch -> iterable of batches``, the same order for the same epoch (seed it
-            with ``cfg.seed`` and the epoch); an epoch may be a single batch (a whole graph).
-        evaluate: ``model -> {name: value}`` on validation data, run every ``cfg.eval_every``
-            steps and at the end (the model is in eval mode and under no_grad meanwhile).
-        select: the key of ``evaluate``'s result to select the best model by: ``best.pt`` keeps
-            its best weights and they are loaded into ``model`` at the end.
-        after_step: called after every optimiser step (e.g. a projection onto a constraint set).
-        resume: continue from ``run_dir/checkpoint.pt`` if it exists (else start afresh).
-        meta: extra JSON-able facts stored in the checkpoint and metrics (e.g. the model config).
+        model: the module trained (its parameters with ``requires_grad``) and checkpointed.
+        loss: ``batch -> (loss, terms)``; ``terms`` are numbers or 0-dim tensors averaged into the history.
+        batches: ``(epoch, offset) -> iterable of batches`` (an epoch may be endless).
+        cfg: the :class:`OptimConfig`; resuming a checkpoint written with another is an error.
+        run_dir: where checkpoints and metrics go (None: nowhere, no resume).
+        evaluate: ``model -> {name: value}`` on validation data, every ``cfg.eval_every`` steps and at
+            the end, in eval mode and under no_grad; ``select`` names the key that picks ``best.pt``.
+        meta: JSON-able facts stored with the checkpoint and the metrics.
+        progress: the bar (None: only on a terminal).
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> data = [(torch.randn(8, 2), torch.randn(8, 1)) for _ in range(4)]
+        >>> loss = lambda b: (nn.functional.mse_loss(model(b[0]), b[1]), {})
+        >>> metrics = TrainLoop(model, loss, epoch_stream(lambda e: data), OptimConfig(steps=8), progress=False).run()
+        >>> metrics["steps"]
+        8
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if select is not None and evaluate is None:
-        raise ValueError("select: selecting the best model needs an evaluate function")
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    step, epoch, offset, history, best, elapsed = 0, 0, 0, [], None, 0.0
-    torch.manual_seed(cfg.seed)
-    ckpt_path = run_dir / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt["config"] != dataclasses.asdict(cfg):
-            raise ValueError(f"resume: {ckpt_path} was written with another TrainConfig "
-                             f"({ckpt['config']}); use another run_dir or resume=False")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, epoch, offset = ckpt["step"], ckpt["epoch"], ckpt["offset"]
-        history, best, elapsed = ckpt["history"], ckpt["best"], ckpt["elapsed"]
+
+    def __init__(self, model: nn.Module, loss: LossFn, batches: BatchStream, cfg: OptimConfig,
+                 run_dir: Optional[str | Path] = None, *, name: str = "train", evaluate: Optional[Evaluate] = None,
+                 select: Optional[str] = None, maximize: bool = True, meta: Optional[dict[str, Any]] = None,
+                 progress: Optional[bool] = None) -> None:
+        if not isinstance(cfg, OptimConfig):
+            raise TypeError(f"cfg: expected an OptimConfig, got {type(cfg).__name__}")
+        if select is not None and evaluate is None:
+            raise ValueError("select: selecting the best model needs an evaluate function")
+        self.model, self.loss, self.batches, self.cfg = model, loss, batches, cfg
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.name, self.evaluate, self.select, self.maximize = name, evaluate, select, maximize
+        self.meta, self.progress = meta or {}, progress
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{name}: the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = self.epoch = self.offset = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: Optional[dict[str, float]] = None
+        self.elapsed = 0.0
+
+    def after_step(self) -> None:
+        """Called after every optimiser step; subclasses add work here (an EMA update, a projection)."""
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.cfg), "loop": type(self).__name__}
+
+    def _checkpoint_path(self) -> Optional[Path]:
+        return None if self.run_dir is None else self.run_dir / CHECKPOINT
+
+    def resume(self) -> None:
+        """Load ``run_dir/checkpoint.pt`` if there is one: weights, optimiser, position, history, random state."""
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return
+        ckpt = load_checkpoint(path)
+        if ckpt["config"] != self._config():
+            raise ValueError(f"resume: {path} was written with other settings ({ckpt['config']}); "
+                             "use another run directory or delete it")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.epoch, self.offset = ckpt["step"], ckpt["epoch"], ckpt["offset"]
+        self.history, self.best, self.elapsed = ckpt["history"], ckpt["best"], ckpt["elapsed"]
         restore_random_state(ckpt["rng"])
 
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "offset": offset,
-            "rng": random_state(), "config": dataclasses.asdict(cfg), "history": history,
-            "best": best, "elapsed": elapsed + time.time() - t_start, "meta": meta or {}})
+    def save(self, started: float) -> None:
+        path = self._checkpoint_path()
+        if path is not None:
+            save_checkpoint(path, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "epoch": self.epoch, "offset": self.offset, "rng": random_state(), "config": self._config(),
+                "history": self.history, "best": self.best, "elapsed": self.elapsed + time.time() - started,
+                "meta": self.meta})
 
-    def run_eval() -> dict[str, float]:
-        was_training = model.training
-        model.eval()
+    # -- one step ----------------------------------------------------------------------------------
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One optimiser step on ``batch``; returns the logged numbers."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
+        loss, terms = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: non-finite loss {float(loss)} at step {self.step}; lower the lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        logs = {k: float(v) for k, v in terms.items()}
+        if self.cfg.grad_clip is not None:
+            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        self.optimizer.step()
+        self.after_step()
+        return {"loss": float(loss.detach()), **logs}
+
+    def validate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
         with torch.no_grad():
-            result = evaluate(model)
-        model.train(was_training)
+            result = self.evaluate(self.model)
+        self.model.train(was_training)
+        self.history.append({"step": self.step, **{f"val_{k}": v for k, v in result.items()}})
+        self._keep_best(result)
         return result
 
-    t_start = time.time()
-    sums: dict[str, float] = {}
-    count = 0
-    bar = tqdm(total=cfg.steps, initial=step, desc=name, disable=not progress, mininterval=5.0)
-    model.train()
-    while step < cfg.steps:
-        it = iter(batches(epoch))
-        for _ in range(offset):  # replay the epoch's seeded order up to where a resumed run was
-            next(it)
-        for batch in it:
-            loss, logs = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{name}: non-finite loss {float(loss)} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step()
-            step, offset, count = step + 1, offset + 1, count + 1
-            for key, value in {"loss": float(loss.detach()), **logs}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                entry = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: v / count for k, v in sums.items()}}
-                history.append(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                sums, count = {}, 0
-            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                result = run_eval()
-                history.append({"step": step, **{f"val_{k}": v for k, v in result.items()}})
-                best = _keep_best(model, run_dir, result, select, maximize, best, step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint()
-            if step >= cfg.steps:
-                break
-        else:
-            epoch, offset = epoch + 1, 0
-    bar.close()
-    final = run_eval() if evaluate is not None else {}
-    if final:
-        history.append({"step": step, **{f"val_{k}": v for k, v in final.items()}})
-        best = _keep_best(model, run_dir, final, select, maximize, best, step)
-    if select is not None and (run_dir / BEST).exists():
-        model.load_state_dict(load_checkpoint(run_dir / BEST, map_location=device)["model"])
-    wall = elapsed + time.time() - t_start
-    metrics = {"name": name, "steps": step, "config": dataclasses.asdict(cfg), "final_val": final,
-               "best": best, "wall_s": round(wall, 1), "meta": meta or {}, "history": history}
-    atomic_write_json(run_dir / METRICS, metrics)
-    last = next((h for h in reversed(history) if "loss" in h), {})
-    summary = " ".join(f"{k}={v:.4g}" for k, v in final.items())
-    print(f"[{name}] {step} steps in {wall:.0f}s, last loss {last.get('loss', float('nan')):.4f}; "
-          f"val: {summary or '-'}; best {best}; -> {run_dir}", flush=True)
-    return metrics
+    def _keep_best(self, result: dict[str, float]) -> None:
+        """Save the weights to ``best.pt`` when ``result[select]`` beats the best so far."""
+        if self.select is None or self.run_dir is None:
+            return
+        if self.select not in result:
+            raise KeyError(f"select: {self.select!r} is not among the evaluation's keys {sorted(result)}")
+        value = float(result[self.select])
+        if self.best is None or (value > self.best["value"] if self.maximize else value < self.best["value"]):
+            save_checkpoint(self.run_dir / BEST, {"model": self.model.state_dict(), "step": self.step, "value": value})
+            self.best = {"step": self.step, "value": value}
 
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train (resuming from ``run_dir`` if a checkpoint is there) and return the metrics."""
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.cfg.seed)
+        self.resume()
+        started = time.time()
+        bar = progress_bar(self.cfg.steps, self.step, self.name, self.progress)
+        self.model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        while self.step < self.cfg.steps:
+            for batch in self.batches(self.epoch, self.offset):
+                logs = self.train_step(batch)
+                self.step, self.offset, count = self.step + 1, self.offset + 1, count + 1
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    self.history.append({"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                                         **{k: v / count for k, v in sums.items()}})
+                    bar.set_postfix(loss=f"{self.history[-1]['loss']:.4g}")
+                    sums, count = {}, 0
+                if self.evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
+                        and self.step < self.cfg.steps:
+                    self.validate()
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                    self.save(started)
+                if self.step >= self.cfg.steps:
+                    break
+            else:
+                self.epoch, self.offset = self.epoch + 1, 0
+        bar.close()
+        return self._finish(started)
 
-def _keep_best(model: nn.Module, run_dir: Path, result: dict[str, float], select: Optional[str],
-               maximize: bool, best: Optional[dict[str, float]], step: int) -> Optional[dict[str, float]]:
-    """Save the model to ``best.pt`` when ``result[select]`` beats ``best``; return the new best."""
-    if select is None:
-        return best
-    if select not in result:
-        raise KeyError(f"select: {select!r} is not among the evaluation's keys {sorted(result)}")
-    value = float(result[select])
-    if best is None or (value > best["value"] if maximize else value < best["value"]):
-        save_checkpoint(run_dir / BEST, {"model": model.state_dict(), "step": step, "value": value})
-        return {"step": step, "value": value}
-    return best
+    def _finish(self, started: float) -> dict[str, Any]:
+        final = self.validate() if self.evaluate is not None else {}
+        if self.select is not None and self.run_dir is not None and (self.run_dir / BEST).exists():
+            self.model.load_state_dict(load_checkpoint(self.run_dir / BEST)["model"])
+        wall = self.elapsed + time.time() - started
+        metrics = {"name": self.name, "steps": self.step, "config": self._config(), "final_val": final,
+                   "best": self.best, "wall_s": round(wall, 1), "meta": self.meta, "history": self.history}
+        if self.run_dir is not None:
+            atomic_write_json(self.run_dir / METRICS, metrics)
+        last = next((h for h in reversed(self.history) if "loss" in h), {})
+        summary = " ".join(f"{k}={v:.4g}" for k, v in final.items())
+        print(f"[{self.name}] {self.step} steps in {wall:.0f}s, last loss {last.get('loss', float('nan')):.4g}"
+              f"{'; val: ' + summary if summary else ''}{f'; best {self.best}' if self.best else ''}", flush=True)
+        return metrics

@@ -8,67 +8,54 @@ inputs and labels from a trajectory cache so that both see exactly the same data
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from cdeq.consistency.distill import prepare
-from cdeq.state import to_device
+from cdeq.consistency.config import DirectConfig
+from cdeq.consistency.distill import prepare, trajectory_stream
 from cdeq.consistency.losses import TaskLoss, cross_entropy
-from cdeq.config import check_int
-from cdeq.consistency.loop import optim_config, run
 from cdeq.consistency.student import ConsistencyDEQ
 from cdeq.consistency.trajectories import Trajectories
+from cdeq.state import to_device
+from cdeq.training import TrainLoop
 
 
-def train_direct(
-    student: ConsistencyDEQ,
-    trajectories: Trajectories,
-    *,
-    nfe: int,
-    steps: int = 1000,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    task_loss: Optional[TaskLoss] = None,
-    checkpoint_dir: Optional[str] = None,
-    resume: bool = True,
-    device: Optional[str | torch.device] = None,
-    seed: int = 0,
-    **optim: Any,
-) -> list[dict]:
-    """Train ``student`` for inference with ``nfe`` = J steps on the task loss alone.
+class DirectLoss(nn.Module):
+    """The task loss of the student's readout after ``config.nfe`` steps of Algorithm 1; a batch is ``(x, y)``."""
 
-    ``task_loss(logits, y)`` defaults to cross-entropy ignoring -100. Evaluate it with
-    ``student.predict(x, steps=nfe)``. Checkpoints: ``checkpoint_dir/direct-J{nfe}.pt``.
-    ``optim``: further :class:`cdeq.consistency.loop.OptimConfig` fields (grad_clip, lr_schedule, ...).
-    Returns the training history.
-    """
+    def __init__(self, student: ConsistencyDEQ, config: DirectConfig, task_loss: Optional[TaskLoss] = None) -> None:
+        super().__init__()
+        self.student, self.config, self.task_loss = student, config, task_loss or cross_entropy
+
+    def forward(self, batch: tuple[Any, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x, y = batch
+        return self.task_loss(self.student.readout(self.student.rollout(x, self.config.nfe)[-1]), y), {}
+
+
+def train_direct(student: ConsistencyDEQ, trajectories: Trajectories, config: DirectConfig, *,
+                 run_dir: Optional[str | Path] = None, device: Optional[str | torch.device] = None,
+                 task_loss: Optional[TaskLoss] = None, progress: Optional[bool] = None) -> list[dict]:
+    """Train ``student`` for inference with ``config.nfe`` = J steps on the task loss alone
+    (cross-entropy ignoring -100 unless ``task_loss``); evaluate it with ``student.predict(x, nfe=J)``.
+    ``run_dir`` keeps the checkpoint (a rerun resumes it). Returns the training history."""
     if not isinstance(student, ConsistencyDEQ):
         raise TypeError(f"student: expected a ConsistencyDEQ, got {type(student).__name__}")
-    if not isinstance(trajectories, Trajectories):
-        raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
-    check_int("nfe", nfe, 1)
-    check_int("batch_size", batch_size, 1)
+    if not isinstance(config, DirectConfig):
+        raise TypeError(f"config: expected a DirectConfig, got {type(config).__name__}")
     if not trajectories.meta["has_labels"]:
         raise ValueError("trajectories: the direct baseline trains on labels, and this cache holds none")
     dev = prepare(student, trajectories, device)
-    task_fn = task_loss or cross_entropy
 
-    def step_fn(step: int, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        student.train()
-        shard, rows = trajectories.sample(batch_size, gen)
-        x = to_device(trajectories.inputs(shard, rows), dev)
-        y = to_device(trajectories.labels(shard, rows), dev)
-        loss = task_fn(student.readout(student.rollout(x, nfe)[-1]), y)
-        return loss, {}
+    def draw(gen: torch.Generator) -> tuple[Any, Tensor]:
+        shard, rows = trajectories.sample(config.batch_size, gen)
+        return to_device(trajectories.inputs(shard, rows), dev), to_device(trajectories.labels(shard, rows), dev)
 
-    config = {"kind": "direct", "teacher_hash": trajectories.meta["teacher_hash"], "structure": student.structure,
-              **({"init": student.init} if student.init != "zeros" else {}),
-              "schedule": vars(student.schedule), "nfe": nfe, "steps": steps, "lr": lr, "batch_size": batch_size,
-              "seed": seed}
-    cfg = optim_config(lr, checkpoint_dir, resume, seed, optim)
-    history = run(f"direct-J{nfe}", steps=steps, params=student.trainable_parameters(), step_fn=step_fn, cfg=cfg,
-                  saved={"student": student}, config=config)
+    loss = DirectLoss(student, config, task_loss)
+    meta = {"teacher_hash": trajectories.meta["teacher_hash"], "student": student.describe()}
+    metrics = TrainLoop(loss, loss, trajectory_stream(draw, config.seed), config, run_dir, name=f"direct-J{config.nfe}",
+                        meta=meta, progress=progress).run()
     student.eval()
-    return history
+    return metrics["history"]

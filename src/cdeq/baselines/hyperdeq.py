@@ -11,25 +11,28 @@ Two small learned parts accelerate the teacher's Anderson solver without changin
 
 NFE: each solver step makes exactly one call of the teacher's f (the layer); the initialiser
 and the mixer are small networks that do not call f and count as zero NFE, as the injection does.
-``solve(x, nfe=k)`` returns the iterate after k calls (k = 0: the initialiser's z_0).
+``state(x, nfe=k)`` returns the iterate after k calls (k = 0: the initialiser's z_0).
 Training (:func:`train_hyperdeq`) unrolls the solver and minimises the distance of every iterate
 (the initialiser's included) to the teacher's fixed point z*, taken from cached trajectories.
 """
 from __future__ import annotations
 
 import copy
+import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from cdeq.consistency.distill import prepare
+from cdeq.consistency.config import HyperDEQConfig
+from cdeq.consistency.distill import prepare, trajectory_stream
 from cdeq.consistency.initialiser import StateInitialiser
 from cdeq.consistency.losses import mean_square, state_distance
-from cdeq.config import check_int
-from cdeq.consistency.loop import optim_config, run
+from cdeq.consistency.student import teacher_feature_dim
 from cdeq.consistency.trajectories import Trajectories
 from cdeq.state import State, StateLayout, to_device
+from cdeq.training import TrainLoop
 
 
 class HyperDEQ(nn.Module):
@@ -54,7 +57,7 @@ class HyperDEQ(nn.Module):
         if not 0 < tau <= 1:
             raise ValueError(f"tau: expected a damping in (0, 1], got {tau}")
         self.m, self.tau, self.lam = m, float(tau), float(lam)
-        self.feature_dim = int(getattr(teacher, "feature_dim", -1))
+        self.feature_dim = teacher_feature_dim(teacher)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
         reset_norm(self.teacher)
         self.mixer = nn.Sequential(nn.Linear(m * m + m, hidden), nn.GELU(), nn.Linear(hidden, m + 1))
@@ -137,62 +140,56 @@ class HyperDEQ(nn.Module):
         return out
 
     @torch.no_grad()
-    def solve(self, x: Any, nfe: int) -> State:
+    def state(self, x: Any, nfe: int) -> State:
         """The state after ``nfe`` calls of the teacher's f (the initialiser costs none)."""
         return self.iterates(x, nfe)[-1]
 
+    def solve(self, x: Any, nfe: int) -> State:
+        """Deprecated name of :meth:`state`."""
+        warnings.warn("HyperDEQ.solve is deprecated: use HyperDEQ.state", DeprecationWarning, stacklevel=2)
+        return self.state(x, nfe)
+
     @torch.no_grad()
     def predict(self, x: Any, nfe: int) -> Tensor:
-        """The teacher's readout of :meth:`solve`."""
-        return self.teacher.readout(self.solve(x, nfe))
+        """The teacher's readout of :meth:`state`."""
+        return self.teacher.readout(self.state(x, nfe))
 
 
-def train_hyperdeq(
-    hyper: HyperDEQ,
-    trajectories: Trajectories,
-    *,
-    steps: int = 1000,
-    train_nfe: int = 6,
-    init_weight: float = 1.0,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    checkpoint_dir: Optional[str] = None,
-    resume: bool = True,
-    device: Optional[str | torch.device] = None,
-    seed: int = 0,
-    **optim: Any,
-) -> list[dict]:
-    """Train ``hyper`` on the teacher's fixed points z* = z_K of ``trajectories``.
+class HyperDEQLoss(nn.Module):
+    """``init_weight * d(z_0, z*) + mean_{k=1..train_nfe} d(z_k, z*)`` over the unrolled learned
+    solver, d the MSE divided by the batch's mean square of z*; a batch is ``(x, z*)``."""
 
-    Loss: ``init_weight * d(z_0, z*) + mean_{k=1..train_nfe} d(z_k, z*)`` over the unrolled
-    learned solver, d the MSE divided by the batch's mean square of z*. Checkpoints go to
-    ``checkpoint_dir/hyperdeq.pt`` (resumed on a rerun). Returns the training history.
-    ``optim``: further :class:`cdeq.consistency.loop.OptimConfig` fields (grad_clip, lr_schedule, ...).
+    def __init__(self, hyper: HyperDEQ, config: HyperDEQConfig) -> None:
+        super().__init__()
+        self.hyper, self.config = hyper, config
+
+    def forward(self, batch: tuple[Any, State]) -> tuple[Tensor, dict[str, Tensor]]:
+        x, z_star = batch
+        scale = float(mean_square(z_star))
+        zs = self.hyper.iterates(x, self.config.train_nfe)
+        l_init = state_distance(zs[0], z_star, scale=scale)
+        l_iter = torch.stack([state_distance(z, z_star, scale=scale) for z in zs[1:]]).mean()
+        return self.config.init_weight * l_init + l_iter, {"init": l_init.detach(), "iterates": l_iter.detach()}
+
+
+def train_hyperdeq(hyper: HyperDEQ, trajectories: Trajectories, config: HyperDEQConfig = HyperDEQConfig(), *,
+                   run_dir: Optional[str | Path] = None, device: Optional[str | torch.device] = None,
+                   progress: Optional[bool] = None) -> list[dict]:
+    """Train ``hyper`` on the teacher's fixed points z* = z_K of ``trajectories`` (:class:`HyperDEQLoss`).
+
+    ``run_dir`` keeps the checkpoint (a rerun resumes it). Returns the training history.
     """
-    if not isinstance(trajectories, Trajectories):
-        raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
-    check_int("train_nfe", train_nfe, 1)
-    check_int("batch_size", batch_size, 1)
     dev = prepare(hyper, trajectories, device)
     K = trajectories.steps
 
-    def step_fn(step: int, gen: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        hyper.train()
-        shard, rows = trajectories.sample(batch_size, gen)
-        x = to_device(trajectories.inputs(shard, rows), dev)
-        z_star = to_device(trajectories.states(shard, rows, K, augmented=False), dev)
-        scale = float(mean_square(z_star))
-        zs = hyper.iterates(x, train_nfe)
-        l_init = state_distance(zs[0], z_star, scale=scale)
-        l_iter = torch.stack([state_distance(z, z_star, scale=scale) for z in zs[1:]]).mean()
-        return init_weight * l_init + l_iter, {"init": float(l_init.detach()), "iterates": float(l_iter.detach())}
+    def draw(gen: torch.Generator) -> tuple[Any, State]:
+        shard, rows = trajectories.sample(config.batch_size, gen)
+        return (to_device(trajectories.inputs(shard, rows), dev),
+                to_device(trajectories.states(shard, rows, K, augmented=False), dev))
 
-    config = {"kind": "hyperdeq", "teacher_hash": trajectories.meta["teacher_hash"], "m": hyper.m, "tau": hyper.tau,
-              "steps": steps, "train_nfe": train_nfe, "init_weight": init_weight, "lr": lr,
-              "batch_size": batch_size, "seed": seed}
-    params = [p for p in hyper.parameters() if p.requires_grad]
-    cfg = optim_config(lr, checkpoint_dir, resume, seed, optim)
-    history = run("hyperdeq", steps=steps, params=params, step_fn=step_fn, cfg=cfg, saved={"hyper": hyper},
-                  config=config)
+    loss = HyperDEQLoss(hyper, config)
+    meta = {"teacher_hash": trajectories.meta["teacher_hash"], "m": hyper.m, "tau": hyper.tau}
+    metrics = TrainLoop(loss, loss, trajectory_stream(draw, config.seed), config, run_dir, name="hyperdeq",
+                        meta=meta, progress=progress).run()
     hyper.eval()
-    return history
+    return metrics["history"]

@@ -83,20 +83,20 @@ class TimeSchedule:
             raise ValueError(f"k: solver steps must be >= 0, got {k}")
         return self.eps + (1 - math.exp(-self.rho * k)) * (self.T - self.eps)
 
-    def inference_times(self, steps: int, schedule: Optional[Sequence[float]] = None) -> list[float]:
+    def inference_times(self, nfe: int, schedule: Optional[Sequence[float]] = None) -> list[float]:
         """The J times t_0..t_{J-1} at which Algorithm 1 evaluates g.
 
         Default: ``t_j = eps + (1 - beta^j)(T - eps)`` (Appendix B.3; ``t_0 = eps``). A given
         ``schedule`` must hold J times in ``[eps, T]``, non-decreasing.
         """
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps: expected an int >= 1 (network evaluations), got {steps!r}")
+        if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+            raise ValueError(f"nfe: expected an int >= 1 (network evaluations), got {nfe!r}")
         if schedule is None:
             b = self.inference_beta
-            return [self.eps + (1 - b**j) * (self.T - self.eps) for j in range(steps)]
+            return [self.eps + (1 - b**j) * (self.T - self.eps) for j in range(nfe)]
         times = [float(t) for t in schedule]
-        if len(times) != steps:
-            raise ValueError(f"schedule: expected {steps} times (one per step), got {len(times)}")
+        if len(times) != nfe:
+            raise ValueError(f"schedule: expected {nfe} times (one per step), got {len(times)}")
         self.check(torch.tensor(times), "schedule")
         if any(b < a for a, b in zip(times, times[1:])):
             raise ValueError(f"schedule: times must be non-decreasing, got {times}")

@@ -51,6 +51,27 @@ def batch_sq_norm(a: State) -> Tensor:
     return total
 
 
+def budget(nfe: Optional[int], steps: Optional[int], where: str) -> int:
+    """The inference budget from ``nfe``, or from the deprecated ``steps`` with a DeprecationWarning."""
+    if steps is not None:
+        if nfe is not None:
+            raise TypeError(f"{where}: pass nfe alone (steps is its deprecated name)")
+        warnings.warn(f"{where}(steps=...) is deprecated: the inference budget is called nfe", DeprecationWarning,
+                      stacklevel=4)
+        nfe = steps
+    return 1 if nfe is None else nfe
+
+
+def teacher_feature_dim(teacher: nn.Module) -> int:
+    """The teacher's declared ``feature_dim`` (where W of Eq. 8 appends the time channel); an
+    undeclared one is an error, not a guess that could append t along an image's width."""
+    dim = getattr(teacher, "feature_dim", None)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"teacher: {type(teacher).__name__} must declare an int feature_dim (the dimension of "
+                        f"every state part that holds features), got {dim!r}")
+    return dim
+
+
 class Residual(NamedTuple):
     """r = h(z) - z of one state and ||r||^2 per sample: inference computes it once per step and
     reuses it as the previous residual of the next Anderson step."""
@@ -158,7 +179,7 @@ class ConsistencyDEQ(nn.Module):
                 raise TypeError(f"teacher: expected a DEQModel with inject/layer/readout/init_state, missing {name}")
         self.structure, self.beta_aa, self.aa_lam = structure, float(beta_aa), float(aa_lam)
         self.schedule = TimeSchedule(eps=eps, T=T, gamma=gamma, rho=rho, beta=beta)
-        self.feature_dim: int = int(getattr(teacher, "feature_dim", -1))
+        self.feature_dim = teacher_feature_dim(teacher)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
         reset_norm(self.teacher)
         self.backbone = remove_norm(copy.deepcopy(teacher)).requires_grad_(True)
@@ -299,7 +320,7 @@ class ConsistencyDEQ(nn.Module):
             self.fused = False
             return None, None
 
-    def rollout(self, x: Any, steps: int, schedule: Optional[Sequence[float]] = None, *,
+    def rollout(self, x: Any, nfe: int, schedule: Optional[Sequence[float]] = None, *,
                 detach: bool = False, z0: Optional[State] = None, u: Any = None) -> list[State]:
         """Algorithm 1 with gradients: the states z_{t_1}..z_{t_J} after each of the J steps.
 
@@ -308,7 +329,7 @@ class ConsistencyDEQ(nn.Module):
         estimates as fixed inputs). ``z0`` defaults to :meth:`initial_state`; ``u``,
         the injection ``self.inject(x)``, may be passed when the caller has it already.
         """
-        times = self.schedule.inference_times(steps, schedule)
+        times = self.schedule.inference_times(nfe, schedule)
         u = self.inject(x) if u is None else u
         z = self.initial_state(u) if z0 is None else z0
         calls0 = self._calls
@@ -339,20 +360,32 @@ class ConsistencyDEQ(nn.Module):
         return outs
 
     @torch.no_grad()
-    def infer(self, x: Any, steps: int = 1, schedule: Optional[Sequence[float]] = None) -> State:
-        """Algorithm 1: the equilibrium estimate after ``steps`` = J network evaluations, in the
-        teacher's state structure. ``schedule``: J times t_0..t_{J-1} in [eps, T] (default B.3).
-        ``self.nfe`` is set to the evaluations made (J)."""
-        return self.rollout(x, steps, schedule)[-1]
+    def infer(self, x: Any, nfe: Optional[int] = None, schedule: Optional[Sequence[float]] = None, *,
+              steps: Optional[int] = None) -> State:
+        """Algorithm 1: the equilibrium estimate after ``nfe`` = J network evaluations (default 1), in
+        the teacher's state structure. ``schedule``: J times t_0..t_{J-1} in [eps, T] (default B.3).
+        ``self.nfe`` is set to the evaluations made (J). ``steps`` is the deprecated name of ``nfe``."""
+        return self.rollout(x, budget(nfe, steps, "ConsistencyDEQ.infer"), schedule)[-1]
+
+    def state(self, x: Any, nfe: int) -> State:
+        """The state after ``nfe`` network evaluations (:meth:`infer`): the interface every method
+        the pipeline compares shares."""
+        return self.infer(x, nfe)
 
     @torch.no_grad()
-    def predict(self, x: Any, steps: int = 1, schedule: Optional[Sequence[float]] = None) -> Tensor:
+    def predict(self, x: Any, nfe: Optional[int] = None, schedule: Optional[Sequence[float]] = None, *,
+                steps: Optional[int] = None) -> Tensor:
         """The teacher's frozen readout of :meth:`infer`."""
-        return self.teacher.readout(self.infer(x, steps, schedule))
+        return self.teacher.readout(self.infer(x, budget(nfe, steps, "ConsistencyDEQ.predict"), schedule))
 
     def readout(self, z: State) -> Tensor:
         """The teacher's frozen readout (gradients reach z, not the readout's weights)."""
         return self.teacher.readout(z)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that define this student (recorded with its checkpoints)."""
+        return {"structure": self.structure, "init": self.init, "schedule": vars(self.schedule),
+                "beta_aa": self.beta_aa, "aa_lam": self.aa_lam}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters distillation trains: f' (injection and layer) and W."""

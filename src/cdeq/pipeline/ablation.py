@@ -6,6 +6,7 @@ from typing import Any
 
 from cdeq.io import atomic_write_json, atomic_write_text
 from cdeq.measure import device_name
+from cdeq.pipeline.evaluate import evaluate_method
 from cdeq.pipeline.settings import PipelineConfig
 from cdeq.pipeline.stages import Run
 
@@ -33,8 +34,7 @@ def run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
             student, _ = run.distill("anderson", name=f"ablate-{outer}{a}-{inner}{b}", **{outer: a, inner: b})
             values = {}
             for k in run.s["nfe"]:
-                row = run.evaluate_method("cdeq", k, lambda x, k=k: student.infer(x, steps=k), None, 0)
-                values[k] = row["value"]
+                values[k] = evaluate_method(run, "cdeq", student, k, 0)["value"]
             results.append({outer: a, inner: b, "values": values})
     pct = run.task.metric == "accuracy"
     lines = [f"## {config.task}: C-DEQ ablation over {outer} x {inner}", "",

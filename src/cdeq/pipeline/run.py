@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from cdeq.measure import LATENCY_RATIO, device_name
+from cdeq.pipeline.evaluate import PerBudget, TeacherSolver, converged_teacher, evaluate_grid, evaluate_method, latency
 from cdeq.pipeline.settings import PipelineConfig
 from cdeq.pipeline.stages import Run, param_count
+
+
+def trained(model: Any) -> int:
+    """Parameters a student trains (its frozen teacher copy not counted)."""
+    return sum(p.numel() for p in model.trainable_parameters())
 
 
 def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]:
@@ -28,26 +34,26 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
     explicit = run.explicit()
 
     print("[evaluate] test split", flush=True)
-    rows = run.teacher_rows("anderson", sorted(set(s["nfe"]) | set(s["teacher_nfe"])))
-    rows += run.teacher_rows("fixed_point", sorted(set(s["nfe"]) | set(s["teacher_nfe"])))
-    for k in s["nfe"]:
-        rows.append(run.evaluate_method("hyperdeq", k, lambda x, k=k: hyper.solve(x, nfe=k), None, param_count(hyper)))
-        for name, student in (("cdeq", cdeq_student), ("cdeq-plain", plain_student)):
-            rows.append(run.evaluate_method(name, k, lambda x, k=k, st=student: st.infer(x, steps=k), None,
-                                            sum(p.numel() for p in student.trainable_parameters())))
-        direct = directs[k]
-        rows.append(run.evaluate_method("direct", k, lambda x, k=k, m=direct: m.infer(x, steps=k), None,
-                                        sum(p.numel() for p in direct.trainable_parameters())))
-    rows.append(run.evaluate_method("explicit", None, None, lambda x: explicit(x), param_count(explicit)))
+    teacher, nfes = run.teacher(), list(s["nfe"])
+    teacher_nfes = sorted(set(nfes) | set(s["teacher_nfe"]))
+    methods = {
+        "teacher-anderson": (TeacherSolver(teacher, "anderson", m=s["anderson_m"]), teacher_nfes, param_count(teacher)),
+        "teacher-fixed-point": (TeacherSolver(teacher, "fixed_point"), teacher_nfes, param_count(teacher)),
+        "hyperdeq": (hyper, nfes, param_count(hyper)),
+        "cdeq": (cdeq_student, nfes, trained(cdeq_student)),
+        "cdeq-plain": (plain_student, nfes, trained(plain_student)),
+        "direct": (PerBudget(directs), nfes, trained(directs[nfes[0]])),
+    }
+    rows = evaluate_grid(run, methods)
+    rows.append(evaluate_method(run, "explicit", None, None, param_count(explicit), logits=explicit))
     table = {
         "task": config.task, "command": config.command, "device": device_name(run.device), "commit": run.commit,
-        "seed": config.seed, "preset": config.preset, "teacher_converged": run.converged_teacher(),
+        "seed": config.seed, "preset": config.preset, "teacher_converged": converged_teacher(run),
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-        "latency": run.latency(cdeq_student, list(s["nfe"])),
+        "latency": latency(run, cdeq_student, nfes),
         "latency_ratio": LATENCY_RATIO,
         "rows": rows,
     }
     write_report(run.run_dir, table, figures=figures)
     print(markdown_table(table), flush=True)
     return table
-

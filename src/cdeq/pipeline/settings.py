@@ -3,9 +3,12 @@ changes, and :class:`PipelineConfig`, which resolves them and rejects unknown na
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from cdeq.config import check_bool, check_choice, check_int, check_number
+
+if TYPE_CHECKING:
+    from cdeq.consistency import DistillConfig
 
 # Settings of every stage; presets change some, `--set key=value` any.
 DEFAULTS: dict[str, Any] = {
@@ -21,15 +24,13 @@ DEFAULTS: dict[str, Any] = {
     "anderson_m": 5,               # the teacher's Anderson window (trajectories and teacher rows)
     "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
     "student_init": "linear",      # where the students start: a learned z_0(u), "linear" or "mlp" (zero-initialised),
-                                   # or "zeros", the teacher's z_0 as in the paper (MNIST, NFE 1: 98.7% vs 97.1%)
+                                   # or "zeros", the teacher's z_0 as in the paper
     "distill_steps": 2000, "distill_batch_size": 64, "distill_lr": 1e-3,
     "lambda_global": 0.8, "lambda_task": 0.05, "ema": 0.999, "distance": "mse",
     "rollout_steps": None,         # self-rollout steps in distillation (None: the largest NFE evaluated,
                                    # so the student trains on every state inference visits; 0: Algorithm 2)
     "rollout_weight": 10.0,        # weight of the rollout term against the teacher-state term of L_global
-                                   # (1 -> 10, Cora: C-DEQ 82.3 / 82.4 / 82.6 / 83.1 -> 82.6 / 82.8 / 83.2 / 83.4)
-    "anchor_weight": 10.0,         # weight of L_anchor = d(h(z*, t), z*), which ties the students' own fixed point
-                                   # to the teacher's (0 -> 10, Fashion-MNIST residual at NFE 8: 4.3e-2 -> 8.6e-3)
+    "anchor_weight": 10.0,         # weight of L_anchor = d(h(z*, t), z*): ties the students' fixed point to the teacher's
     "hyper_steps": 1000, "direct_steps": 1000,
     "nfe": (1, 2, 4, 8),           # budgets of every method
     "teacher_nfe": (16, 32),       # extra budgets of the teacher rows
@@ -67,22 +68,28 @@ TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "fashion-mnist": _MDEQ_SETTINGS,
     "mnist": _MDEQ_SETTINGS,
     "gutenberg": {"*": {"traj_batches": 64, "distill_batch_size": 16},
-                  # lambda_task 0: the 10k-word LM head in the task loss made a distillation step 4x slower
+                  # lambda_task 0: the 10k-word LM head in the task loss would dominate a distillation step
                   "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 40,
                           "lambda_task": 0.0},
                   "gpu": {"traj_batches": 400, "distill_batch_size": 64}},
 }
 
 
-# Settings added after runs were made, with the value those runs had: a stage key holds them only
-# when they differ from it (Run._since, key_fields); the stage itself always gets the value.
-VALUE_BEFORE: dict[str, Any] = {"student_init": "zeros", "rollout_weight": 1.0, "anchor_weight": 0.0}
+# Bumped when a stage's code changes what it computes, so run directories of older code recompute it.
+STAGE_VERSION: dict[str, int] = {"teacher": 2, "explicit": 2, "trajectories": 2, "student": 2, "hyperdeq": 2,
+                                 "direct": 2}
 
 
-def key_fields(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` less those at the value runs made before the setting existed had
-    (:data:`VALUE_BEFORE`): the stage key they enter, so earlier runs' stages stay cached."""
-    return {k: v for k, v in settings.items() if not (k in VALUE_BEFORE and v == VALUE_BEFORE[k])}
+def distill_config(s: dict[str, Any], seed: int) -> "DistillConfig":
+    """The :class:`~cdeq.consistency.DistillConfig` of resolved settings ``s``: the rollout runs
+    for the largest NFE evaluated unless ``rollout_steps`` says otherwise."""
+    from cdeq.consistency import DistillConfig
+
+    rollout = max(s["nfe"]) if s["rollout_steps"] is None else s["rollout_steps"]
+    return DistillConfig(steps=s["distill_steps"], lr=s["distill_lr"], batch_size=s["distill_batch_size"],
+                         lambda_global=s["lambda_global"], lambda_task=s["lambda_task"], ema=s["ema"],
+                         distance=s["distance"], rollout_steps=rollout, rollout_weight=s["rollout_weight"],
+                         anchor_weight=s["anchor_weight"], seed=seed)
 
 
 # Settings whose default is None but whose values are integers.
@@ -112,7 +119,6 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
 def check_settings(s: dict[str, Any]) -> None:
     """Raise a ValueError naming the first resolved setting that is out of range, so a bad
     ``--set`` fails before the first stage rather than an hour into the run."""
-    from cdeq.consistency.distill import check_loss_settings
     from cdeq.consistency.schedule import TimeSchedule
     from cdeq.consistency.student import INITS
     from cdeq.consistency.trajectories import STORAGE_DTYPES
@@ -134,11 +140,10 @@ def check_settings(s: dict[str, Any]) -> None:
                              f"got {s[name]!r}")
         for k in s[name]:
             check_int(name, k, 1)
-    check_number("distill_lr", s["distill_lr"], 0.0, low_open=True)
     check_number("p_aug", s["p_aug"], 0.0, 1.0)
     check_bool("fused_inference", s["fused_inference"])
-    check_loss_settings(distance=s["distance"], lambda_global=s["lambda_global"], lambda_task=s["lambda_task"],
-                        ema=s["ema"], rollout_weight=s["rollout_weight"], anchor_weight=s["anchor_weight"])
+    check_number("distill_lr", s["distill_lr"], 0.0, low_open=True)
+    distill_config(s, seed=0)  # raises naming a bad loss or optimiser setting
     TimeSchedule(eps=s["eps"], T=s["T"], gamma=s["gamma"], rho=s["rho"], beta=s["beta"])  # raises on a bad map
 
 

@@ -2,6 +2,7 @@
 and the keys of the stages it reads; :class:`Run` trains, samples, distils and evaluates through them."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -9,12 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-from torch import Tensor
 
 from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
-from cdeq.measure import git_commit, peak_memory_mb, student_latency, time_ms
-from cdeq.pipeline.settings import VALUE_BEFORE, PipelineConfig, key_fields
-from cdeq.state import batch_norm2, to_device
+from cdeq.measure import git_commit
+from cdeq.pipeline.settings import STAGE_VERSION, PipelineConfig, distill_config
+from cdeq.state import to_device
 from cdeq.training import BEST, CHECKPOINT, METRICS
 
 if TYPE_CHECKING:
@@ -27,10 +27,12 @@ def _key(payload: Any) -> str:
 
 
 class Stage:
-    """One cached, resumable stage of a run: ``RUN_DIR/<name>-<key>/`` with ``done.json``."""
+    """One cached, resumable stage of a run: ``RUN_DIR/<name>-<key>/`` with ``done.json``.
+    ``kind`` picks the :data:`STAGE_VERSION` that enters the key (default: the name)."""
 
-    def __init__(self, run_dir: Path, name: str, payload: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, name: str, payload: dict[str, Any], kind: Optional[str] = None) -> None:
         self.name = name
+        payload = {"version": STAGE_VERSION[kind or name], **payload}
         self.key = _key(payload)
         self.dir = run_dir / f"{name}-{self.key}"
         self.payload = payload
@@ -139,15 +141,9 @@ class Run:
     def timemap(self) -> dict[str, Any]:
         return {k: self.s[k] for k in ("gamma", "eps", "T", "rho", "beta")}
 
-    def _since(self, setting: str, name: str) -> dict[str, Any]:
-        """``{name: value}`` of a setting added after runs were made, empty at the value those runs
-        used (:data:`VALUE_BEFORE`), so their stage keys, and so their cached stages, stay valid."""
-        value = self.s[setting]
-        return {} if value == VALUE_BEFORE[setting] else {name: value}
-
     def student_options(self) -> dict[str, Any]:
         """ConsistencyDEQ options of the students and the direct baseline (also their stage keys)."""
-        return {**self.timemap(), **self._since("student_init", "init")}
+        return {**self.timemap(), "init": self.s["student_init"]}
 
     # -- stages ---------------------------------------------------------------------------------------
     def train_teacher(self) -> dict[str, Any]:
@@ -190,31 +186,22 @@ class Run:
             return {"items": len(traj), "K": traj.steps, "final_rel_residual": final}
         return self.traj_stage.run(fn)
 
-    def distill_settings(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`cdeq.consistency.distill` (every one given, so distill's
-        own defaults never stand in for a setting)."""
-        return {"steps": self.s["distill_steps"], "lr": self.s["distill_lr"], "batch_size": self.s["distill_batch_size"],
-                "lambda_global": self.s["lambda_global"], "lambda_task": self.s["lambda_task"], "ema": self.s["ema"],
-                "distance": self.s["distance"],
-                "rollout_steps": max(self.s["nfe"]) if self.s["rollout_steps"] is None else self.s["rollout_steps"],
-                "rollout_weight": self.s["rollout_weight"], "anchor_weight": self.s["anchor_weight"]}
-
     def distill(self, structure: str, name: Optional[str] = None, **changes: Any):
-        """Distil a C-DEQ student (``structure`` "anderson" or "plain"); returns (student, summary)."""
-        from cdeq.consistency import ConsistencyDEQ, distill
+        """Distil a C-DEQ student (``structure`` "anderson" or "plain"); returns (student, summary).
+        ``changes`` override settings of this student alone (an ablation's grid point)."""
+        from cdeq.consistency import ConsistencyDEQ, distill, equilibrium_error
 
-        settings = {**self.distill_settings(), **{k: v for k, v in changes.items() if k in self.distill_settings()}}
+        config = distill_config({**self.s, **{k: v for k, v in changes.items() if k in self.s}}, self.config.seed)
         options = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
         stage = Stage(self.run_dir, name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
-                      {"trajectories": self.traj_stage.key, "structure": structure, "seed": self.config.seed,
-                       **options, **key_fields(settings)})
+                      {"trajectories": self.traj_stage.key, "structure": structure, **options,
+                       **dataclasses.asdict(config)}, kind="student")
         student = ConsistencyDEQ(self.teacher(), structure=structure, **options).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
-            result = distill(student, self.trajectories(), checkpoint_dir=str(d), device=self.device,
-                             seed=self.config.seed, **settings)
+            distill(student, self.trajectories(), config, run_dir=d, device=self.device)
             save_checkpoint(d / "model.pt", {"model": student.state_dict()})
-            err = result["eval"]["student"]
+            err = equilibrium_error(student.state, self.trajectories(), (1, 2, 4), max_items=512, device=self.device)
             return {f"err@{k}": float(v) for k, v in err.items()}
         summary = stage.run(fn)
         student.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])
@@ -222,15 +209,16 @@ class Run:
 
     def train_hyperdeq(self):
         from cdeq.baselines import HyperDEQ, train_hyperdeq
+        from cdeq.consistency import HyperDEQConfig
 
-        stage = Stage(self.run_dir, "hyperdeq", {"trajectories": self.traj_stage.key, "seed": self.config.seed,
-                                                 "steps": self.s["hyper_steps"], "m": self.s["anderson_m"],
-                                                 "batch_size": self.s["distill_batch_size"]})
+        config = HyperDEQConfig(steps=self.s["hyper_steps"], batch_size=self.s["distill_batch_size"],
+                                seed=self.config.seed)
+        stage = Stage(self.run_dir, "hyperdeq", {"trajectories": self.traj_stage.key, "m": self.s["anderson_m"],
+                                                 **dataclasses.asdict(config)})
         hyper = HyperDEQ(self.teacher(), m=self.s["anderson_m"]).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
-            history = train_hyperdeq(hyper, self.trajectories(), steps=self.s["hyper_steps"], checkpoint_dir=str(d),
-                                     batch_size=self.s["distill_batch_size"], device=self.device, seed=self.config.seed)
+            history = train_hyperdeq(hyper, self.trajectories(), config, run_dir=d, device=self.device)
             save_checkpoint(d / "model.pt", {"model": hyper.state_dict()})
             return {"loss": float(history[-1]["loss"])} if history else {}
         summary = stage.run(fn)
@@ -239,85 +227,18 @@ class Run:
 
     def train_direct(self, nfe: int):
         from cdeq.baselines import train_direct
-        from cdeq.consistency import ConsistencyDEQ
+        from cdeq.consistency import ConsistencyDEQ, DirectConfig
 
-        stage = Stage(self.run_dir, f"direct-J{nfe}", {"trajectories": self.traj_stage.key, "seed": self.config.seed,
-                                                       "steps": self.s["direct_steps"], "lr": self.s["distill_lr"],
-                                                       "batch_size": self.s["distill_batch_size"], **self.student_options()})
+        config = DirectConfig(steps=self.s["direct_steps"], lr=self.s["distill_lr"], nfe=nfe,
+                              batch_size=self.s["distill_batch_size"], seed=self.config.seed)
+        stage = Stage(self.run_dir, f"direct-J{nfe}", {"trajectories": self.traj_stage.key, **self.student_options(),
+                                                       **dataclasses.asdict(config)}, kind="direct")
         model = ConsistencyDEQ(self.teacher(), structure="anderson", **self.student_options()).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
-            history = train_direct(model, self.trajectories(), nfe=nfe, steps=self.s["direct_steps"], lr=self.s["distill_lr"],
-                                   batch_size=self.s["distill_batch_size"], checkpoint_dir=str(d), device=self.device,
-                                   seed=self.config.seed)
+            history = train_direct(model, self.trajectories(), config, run_dir=d, device=self.device)
             save_checkpoint(d / "model.pt", {"model": model.state_dict()})
             return {"loss": float(history[-1]["loss"])} if history else {}
         summary = stage.run(fn)
         model.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])
         return model.eval(), summary
-
-    # -- evaluation ------------------------------------------------------------------------------------
-    def rel_residual(self, x: Any, z: Any) -> Tensor:
-        """Per-sample ||f(z)-z||/||f(z)|| of a state under the teacher's layer."""
-        teacher = self.teacher()
-        fz = teacher.layer(z, teacher.inject(x))
-        diff = tuple(a - b for a, b in zip(fz, z)) if isinstance(z, tuple) else fz - z
-        return batch_norm2(diff) / batch_norm2(fz).clamp_min(1e-30)
-
-    def evaluate_method(self, method: str, nfe: Optional[int], state_fn: Optional[Callable[[Any], Any]],
-                        logits_fn: Callable[[Any], Tensor], params: int) -> dict[str, Any]:
-        """One row: the metric on the test split, the mean relative residual of the states, and the
-        median time and peak memory of one call on the first test batch."""
-        residuals: list[Tensor] = []
-
-        def predict(x: Any) -> Tensor:
-            x = to_device(x, self.device)
-            if state_fn is None:
-                return logits_fn(x)
-            z = state_fn(x)
-            residuals.append(self.rel_residual(x, z).float().cpu())
-            return self.teacher().readout(z)
-
-        with torch.no_grad():
-            value = self.task.evaluate(predict, "test", batch_size=self.s["eval_batch_size"], limit=self.s["eval_limit"])
-            x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
-            x0 = to_device(x0, self.device)
-            call = (lambda: self.teacher().readout(state_fn(x0))) if state_fn is not None else (lambda: logits_fn(x0))
-            ms = time_ms(call, self.device, repeats=self.s["time_repeats"])
-            mem = peak_memory_mb(call, self.device)
-        rel = float(torch.cat(residuals).mean()) if residuals else None
-        row = {"method": method, "nfe": nfe, "value": value, "rel_residual": rel, "time_ms": ms,
-               "params": params, "peak_mem_mb": mem}
-        shown = f"{value * 100:.2f}%" if self.task.metric == "accuracy" else f"ppl {value:.2f}"
-        print(f"  {method:<20} nfe {str(nfe):>4}  {shown:>10}  rel.res {rel if rel is None else f'{rel:.2e}'}  "
-              f"{ms:8.2f} ms", flush=True)
-        return row
-
-    def teacher_rows(self, solver: str, budgets: list[int]) -> list[dict[str, Any]]:
-        teacher = self.teacher()
-        options = {"m": self.s["anderson_m"]} if solver == "anderson" else {}
-        name = "teacher-anderson" if solver == "anderson" else "teacher-fixed-point"
-
-        def state_fn(k: int) -> Callable[[Any], Any]:
-            return lambda x: teacher.truncated_solve(x, k, solver, check_residual=False, **options)[0]
-        return [self.evaluate_method(name, k, state_fn(k), None, param_count(teacher)) for k in budgets]
-
-    def latency(self, student: ConsistencyDEQ, budgets: list[int]) -> dict[str, dict[str, float]]:
-        """:func:`student_latency` on the first test batch."""
-        x0, _ = next(iter(self.task.batches("test", batch_size=self.s["eval_batch_size"], limit=1)))
-        return student_latency(student, self.teacher(), to_device(x0, self.device), budgets, self.device,
-                               repeats=3 * self.s["time_repeats"])
-
-    def converged_teacher(self) -> dict[str, Any]:
-        """The teacher at its working tolerance: its metric and mean NFE."""
-        teacher, nfes = self.teacher(), []
-
-        def predict(x: Any) -> Tensor:
-            logits, info = teacher(to_device(x, self.device))
-            nfes.append(info.steps.float().cpu())
-            return logits
-
-        with torch.no_grad():
-            value = self.task.evaluate(predict, "test", batch_size=self.s["eval_batch_size"], limit=self.s["eval_limit"])
-        return {"nfe": float(torch.cat(nfes).mean()), "value": value}
-

@@ -5,7 +5,7 @@ builders' constructor arguments and ``PRESETS``: per preset (``"tiny"`` for test
 ``"cpu"`` for a 2-core machine, ``"gpu"``) a recipe dict with
 
 - ``teacher``: the DEQ model's constructor arguments; ``deq``: the :class:`cdeq.DEQ` options;
-- ``train``: :class:`cdeq.training.TrainConfig` arguments; ``batch_size``;
+- ``train``: :class:`cdeq.training.OptimConfig` arguments; ``batch_size``;
 - ``jac_weight``: the weight of the Jacobian penalty (Eq. 17-18; 0 turns it off);
 - ``explicit``: the explicit baseline's constructor arguments; ``explicit_train``: its config.
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from cdeq.io import atomic_write_json, load_checkpoint
 from cdeq.state import to_device
 from cdeq.models import DEQModel, num_parameters
-from cdeq.training import BEST, CHECKPOINT, METRICS, TrainConfig, fit
+from cdeq.training import BEST, CHECKPOINT, METRICS, OptimConfig, TrainLoop, epoch_stream
 
 IGNORE = -100
 Batch = tuple[Any, Tensor]
@@ -158,13 +158,13 @@ class Task:
         return {}
 
     def _select_key(self) -> Optional[str]:
-        """The validation metric :func:`cdeq.training.fit` keeps the best model by (None: last)."""
+        """The validation metric the training loop keeps the best model by (None: last)."""
         return None
 
     def _fit(self, kind: str, model: nn.Module, step: Callable[..., tuple[Tensor, dict[str, float]]],
              recipe: dict[str, Any], train_cfg: dict[str, Any], run_dir: str | Path, seed: int,
-             device: str, resume: bool, progress: bool, meta: dict[str, Any]) -> dict[str, Any]:
-        cfg = TrainConfig(**{**train_cfg, "seed": seed})
+             device: str, progress: Optional[bool], meta: dict[str, Any]) -> dict[str, Any]:
+        cfg = OptimConfig(**{**train_cfg, "seed": seed})
         batch_size, opts = recipe["batch_size"], self.batch_options(recipe)
 
         def stream(epoch: int) -> Iterator[Batch]:
@@ -175,12 +175,13 @@ class Task:
             return {self.metric: self.evaluate(lambda x: _logits(m, to_device(x, device)), "val", batch_size=batch_size,
                                                limit=recipe.get("val_batches"), **opts)}
 
-        after = getattr(model, "project_", None)
         torch.manual_seed(seed)
         meta = {**meta, "task": self.name, "kind": kind, "model": type(model).__name__, "params": num_parameters(model)}
-        metrics = fit(model, lambda m, b: step(m, b, recipe), stream, cfg, run_dir, evaluate=validate, select=self._select_key(),
-                      maximize=self.higher_is_better, after_step=after, resume=resume, device=device,
-                      name=f"{self.name}/{kind}", meta=meta, progress=progress)
+        loop_class = ProjectedLoop if callable(getattr(model, "project_", None)) else TrainLoop
+        loop = loop_class(model.to(device), lambda b: step(model, b, recipe), epoch_stream(stream), cfg, run_dir,
+                          name=f"{self.name}/{kind}", evaluate=validate, select=self._select_key(),
+                          maximize=self.higher_is_better, meta=meta, progress=progress)
+        metrics = loop.run()
         model.eval()
         metrics["test"] = {self.metric: self.evaluate(lambda x: _logits(model, to_device(x, device)), "test",
                                                       batch_size=batch_size, limit=recipe.get("test_batches"), **opts)}
@@ -189,9 +190,9 @@ class Task:
         return metrics
 
     def train_teacher(self, run_dir: str | Path, preset: str = "cpu", seed: int = 0, device: str = "cpu",
-                      resume: bool = True, progress: bool = True, command: Optional[str] = None,
+                      progress: Optional[bool] = None, command: Optional[str] = None,
                       **overrides: Any) -> dict[str, Any]:
-        """Train the DEQ teacher of ``preset`` in ``run_dir`` (resumable; see :func:`cdeq.training.fit`).
+        """Train the DEQ teacher of ``preset`` in ``run_dir`` (resumable; see :class:`cdeq.training.TrainLoop`).
         ``overrides`` are merged into the recipe; ``command`` (the command line, if any) is recorded.
         Returns the metrics (``metrics["test"]`` too)."""
         recipe = self.recipe(preset, **overrides)
@@ -202,10 +203,10 @@ class Task:
         model.set_deq(DEQ(**recipe["deq"]))
         meta = {"preset": preset, "overrides": overrides, "recipe": recipe, "seed": seed, "command": command}
         return self._fit("teacher", model, self.teacher_step, recipe, recipe["train"],
-                         run_dir, seed, device, resume, progress, meta)
+                         run_dir, seed, device, progress, meta)
 
     def train_explicit(self, run_dir: str | Path, preset: str = "cpu", seed: int = 0, device: str = "cpu",
-                       resume: bool = True, progress: bool = True, command: Optional[str] = None,
+                       progress: Optional[bool] = None, command: Optional[str] = None,
                        **overrides: Any) -> dict[str, Any]:
         """Train the explicit baseline of ``preset`` in ``run_dir``, like :meth:`train_teacher`."""
         recipe = self.recipe(preset, **overrides)
@@ -214,7 +215,7 @@ class Task:
         meta = {"preset": preset, "overrides": overrides, "recipe": recipe, "seed": seed, "command": command}
         train_cfg = recipe.get("explicit_train", recipe["train"])
         return self._fit("explicit", model, self.explicit_step, recipe, train_cfg, run_dir, seed, device,
-                         resume, progress, meta)
+                         progress, meta)
 
     def load_teacher(self, run_dir: str | Path, device: str = "cpu") -> DEQModel:
         """The teacher trained in ``run_dir`` (its best weights if selected, else the last), in eval mode."""
@@ -235,6 +236,13 @@ class Task:
         state = load_checkpoint(run_dir / BEST, map_location=device)["model"] if (run_dir / BEST).exists() else ckpt["model"]
         model.load_state_dict(state)
         return model.to(device).eval()
+
+
+class ProjectedLoop(TrainLoop):
+    """The training loop of a model with a constraint set: ``model.project_()`` after every step."""
+
+    def after_step(self) -> None:
+        self.model.project_()
 
 
 def _logits(model: nn.Module, x: Any) -> Tensor:

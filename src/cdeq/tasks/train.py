@@ -24,7 +24,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--explicit-model", choices=("gcn", "gat"), default=None, help="graphs: the explicit baseline")
-    parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     from cdeq import tasks
@@ -37,8 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     task = tasks.get(args.task, preset=args.preset, **options)
     command = "python -m cdeq.tasks.train " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     train = task.train_teacher if args.kind == "teacher" else task.train_explicit
-    train(args.run_dir, preset=args.preset, seed=args.seed, device=args.device, resume=not args.no_resume,
-          progress=not args.no_progress, command=command)
+    train(args.run_dir, preset=args.preset, seed=args.seed, device=args.device,
+          progress=False if args.no_progress else None, command=command)
     return 0
 
 

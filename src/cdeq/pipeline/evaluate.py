@@ -1,0 +1,107 @@
+"""The evaluation grid of ``cdeq run``: every compared method answers ``state(x, nfe)``, and one
+loop measures each at each budget on the test split: the metric, the relative residual of its
+states under the teacher's f, the time per batch and the peak memory."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from cdeq.measure import peak_memory_mb, student_latency, time_ms
+from cdeq.state import State, batch_norm2, to_device
+
+if TYPE_CHECKING:
+    from cdeq.consistency import ConsistencyDEQ
+    from cdeq.pipeline.stages import Run
+
+
+class Method(Protocol):
+    """What the grid asks of a compared method: its equilibrium estimate after ``nfe`` network calls."""
+
+    def state(self, x: Any, nfe: int) -> State: ...
+
+
+class TeacherSolver:
+    """The teacher's own solver as a method: its iterate after ``nfe`` calls of f from z_0, with no
+    tolerance (the "DEQ" rows of the C-DEQ paper's tables)."""
+
+    def __init__(self, teacher: nn.Module, solver: str, **options: Any) -> None:
+        self.teacher, self.solver, self.options = teacher, solver, options
+
+    def state(self, x: Any, nfe: int) -> State:
+        return self.teacher.truncated_solve(x, nfe, self.solver, check_residual=False, **self.options)[0]
+
+
+class PerBudget:
+    """One model per budget (the direct baseline is trained for its J): ``state(x, nfe)`` asks the one for ``nfe``."""
+
+    def __init__(self, models: dict[int, Method]) -> None:
+        self.models = models
+
+    def state(self, x: Any, nfe: int) -> State:
+        return self.models[nfe].state(x, nfe)
+
+
+def rel_residual(teacher: nn.Module, x: Any, z: State) -> Tensor:
+    """Per-sample ||f(z)-z||/||f(z)|| of a state under the teacher's layer."""
+    fz = teacher.layer(z, teacher.inject(x))
+    diff = tuple(a - b for a, b in zip(fz, z)) if isinstance(z, tuple) else fz - z
+    return batch_norm2(diff) / batch_norm2(fz).clamp_min(1e-30)
+
+
+def evaluate_method(run: "Run", name: str, method: Optional[Method], nfe: Optional[int], params: int,
+                    logits: Optional[Callable[[Any], Tensor]] = None) -> dict[str, Any]:
+    """One row: the metric on the test split, the mean relative residual of the states, and the
+    median time and peak memory of one call on the first test batch. ``method=None`` evaluates
+    ``logits(x)`` (a network with no fixed point, the explicit baseline)."""
+    teacher, s, residuals = run.teacher(), run.s, []
+
+    def predict(x: Any) -> Tensor:
+        x = to_device(x, run.device)
+        if method is None:
+            return logits(x)
+        z = method.state(x, nfe)
+        residuals.append(rel_residual(teacher, x, z).float().cpu())
+        return teacher.readout(z)
+
+    with torch.no_grad():
+        value = run.task.evaluate(predict, "test", batch_size=s["eval_batch_size"], limit=s["eval_limit"])
+        x0, _ = next(iter(run.task.batches("test", batch_size=s["eval_batch_size"], limit=1)))
+        x0 = to_device(x0, run.device)
+        call = (lambda: teacher.readout(method.state(x0, nfe))) if method is not None else (lambda: logits(x0))
+        ms = time_ms(call, run.device, repeats=s["time_repeats"])
+        mem = peak_memory_mb(call, run.device)
+    rel = float(torch.cat(residuals).mean()) if residuals else None
+    shown = f"{value * 100:.2f}%" if run.task.metric == "accuracy" else f"ppl {value:.2f}"
+    print(f"  {name:<20} nfe {str(nfe):>4}  {shown:>10}  rel.res {rel if rel is None else f'{rel:.2e}'}  "
+          f"{ms:8.2f} ms", flush=True)
+    return {"method": name, "nfe": nfe, "value": value, "rel_residual": rel, "time_ms": ms, "params": params,
+            "peak_mem_mb": mem}
+
+
+def evaluate_grid(run: "Run", methods: dict[str, tuple[Method, list[int], int]]) -> list[dict[str, Any]]:
+    """Rows of every ``name: (method, budgets, params)`` at each of its budgets."""
+    return [evaluate_method(run, name, method, k, params) for name, (method, budgets, params) in methods.items()
+            for k in budgets]
+
+
+def latency(run: "Run", student: "ConsistencyDEQ", budgets: list[int]) -> dict[str, dict[str, float]]:
+    """:func:`~cdeq.measure.student_latency` on the first test batch."""
+    x0, _ = next(iter(run.task.batches("test", batch_size=run.s["eval_batch_size"], limit=1)))
+    return student_latency(student, run.teacher(), to_device(x0, run.device), budgets, run.device,
+                           repeats=3 * run.s["time_repeats"])
+
+
+def converged_teacher(run: "Run") -> dict[str, Any]:
+    """The teacher at its working tolerance: its metric and mean NFE."""
+    teacher, nfes = run.teacher(), []
+
+    def predict(x: Any) -> Tensor:
+        logits, info = teacher(to_device(x, run.device))
+        nfes.append(info.steps.float().cpu())
+        return logits
+
+    with torch.no_grad():
+        value = run.task.evaluate(predict, "test", batch_size=run.s["eval_batch_size"], limit=run.s["eval_limit"])
+    return {"nfe": float(torch.cat(nfes).mean()), "value": value}
