@@ -3,10 +3,8 @@
 glibc returns freed memory above its trim threshold to the OS, and serves large blocks with fresh
 ``mmap`` calls, so a loop that allocates and frees megabyte-sized tensors (a solver step, a DEQ
 layer, the C-DEQ student's Anderson step) pays page faults on every iteration. Raising both
-thresholds keeps that memory in the process. In an ad hoc timing on 2 CPU cores (not a committed
-benchmark) the student's Anderson step on an MNIST batch took 13-23 ms with glibc's defaults and
-about 5 ms tuned. PyTorch's CPU performance guide makes the same point and suggests jemalloc or
-tcmalloc; this needs no extra library.
+thresholds keeps that memory in the process. PyTorch's CPU performance guide makes the same point
+and suggests jemalloc or tcmalloc; this needs no extra library.
 
 The command-line entry points call :func:`tune_cpu_allocator`; set ``CDEQ_MALLOC_TUNING=0`` to
 keep glibc's defaults. Library code never calls it by itself.
