@@ -6,6 +6,12 @@ teacher's relative residual of each state, the inputs and the labels. States are
 in shards, one per input batch, as safetensors files (optionally float16/bfloat16), each written
 to a temporary name and renamed, so a killed run leaves only complete shards and a rerun resumes.
 
+Stores: ``store="full"`` keeps every state; ``store="subset"`` keeps z_0, z_K and ``keep`` further
+steps per item, drawn once from the seed and the item's position (:func:`subset_steps`), with their
+indices; reading a step that was not kept is an error. The distillation step then draws k among the
+kept steps and uses the nearest kept step below it for k-1 (:meth:`Trajectories.draw_steps`).
+Before sampling, the store's size is printed and a store larger than the free disk space refused.
+
 Augmentation (Eq. 13): the raw states are stored unchanged; the replacement mask of Algorithm 4
 (z_k <- z_K with probability p_aug for k in [k_min, K - k_tail]) is drawn once at write time,
 per trajectory, and stored beside them. Reads apply it by default (``augmented=True``) and can
@@ -20,8 +26,10 @@ states stop sampling with the batch named, so a cache never holds NaN targets.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
+import shutil
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -33,11 +41,14 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
+from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, human_bytes, kept_states,
+                                    store_bytes)
 from cdeq.io import ArtefactWarning, CorruptArtefactError, atomic_write_bytes, atomic_write_json, sha256_file
 from cdeq.state import State, StateLayout, as_tuple, map_state
 
 FORMAT_VERSION = 2  # 2: input keys and shard digests in the manifest
-READABLE_FORMATS = (1, 2)
+SUBSET_FORMAT = 3  # 3: a subset store (kept steps per item); older readers refuse it
+READABLE_FORMATS = (1, 2, 3)
 META_FILE = "meta.json"
 STORAGE_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Shards up to this size are held in memory once read (an LRU of MEMORY_SHARDS); larger ones are
@@ -46,7 +57,9 @@ MEMORY_SHARD_BYTES = 64 << 20
 MEMORY_SHARDS = 8
 # Settings that must agree between a cache on disk and the request that reads or extends it.
 _CHECKED_KEYS = ("teacher_hash", "solver", "solver_options", "steps", "z0", "p_aug", "k_min",
-                 "k_tail", "dtype", "seed", "time_map")
+                 "k_tail", "dtype", "seed", "time_map", "store", "keep")
+# What a manifest written before a setting existed means by its absence.
+_SETTING_DEFAULTS = {"store": "full", "keep": None}
 
 
 def module_hash(module: nn.Module) -> str:
@@ -199,6 +212,34 @@ class Trajectories:
         return int(self.meta["steps"])
 
     @property
+    def store(self) -> str:
+        """``"full"`` (every step 0..K) or ``"subset"`` (z_0, z_K and ``keep`` more per item)."""
+        return self.meta.get("store", "full")
+
+    @property
+    def keep(self) -> Optional[int]:
+        """For a ``subset`` store, the number of steps kept per item besides z_0 and z_K."""
+        return self.meta.get("keep")
+
+    def kept_steps(self, shard: int, rows: Optional[Sequence[int]] = None) -> Tensor:
+        """The steps stored per item, ``(rows, n)`` int64 sorted ascending (n = K + 1 for ``full``,
+        keep + 2 for ``subset``); always starts at 0 and ends at K."""
+        rows = self._rows(shard, rows)
+        if self.store == "full":
+            return torch.arange(self.steps + 1).expand(len(rows), -1).clone()
+        return self._take("kept", shard, rows)
+
+    def draw_steps(self, shard: int, rows: Sequence[int], generator: torch.Generator, *,
+                   include_k0: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Algorithm 2, line 3, over the kept steps: per row k, uniform among the kept steps (>= 1
+        without ``include_k0``), with the nearest kept steps below it standing for k-1 and k-2
+        (clamped at 0). For a ``full`` store this is k ~ U{0..K} with k-1 and k-2 exactly."""
+        kept = self.kept_steps(shard, rows)
+        j = torch.randint(0 if include_k0 else 1, kept.shape[1], (kept.shape[0],), generator=generator)
+        rows_idx = torch.arange(kept.shape[0])
+        return tuple(kept[rows_idx, (j - d).clamp_min(0)] for d in (0, 1, 2))
+
+    @property
     def shard_sizes(self) -> list[int]:
         return list(self.meta["shard_sizes"])
 
@@ -273,7 +314,8 @@ class Trajectories:
                augmented: bool = True, dtype: torch.dtype = torch.float32) -> State:
         """States z_{k_i} of the given rows (one k per row, or one k for all), as a batched state.
 
-        Only those states are read from disk. ``augmented`` applies the stored Eq. 13 mask.
+        Only those states are read from disk. ``augmented`` applies the stored Eq. 13 mask. In a
+        ``subset`` store a step that was not kept for its item is a ValueError naming both.
         """
         rows = self._rows(shard, rows)
         K = self.steps
@@ -283,9 +325,12 @@ class Trajectories:
         if any(not 0 <= k <= K for k in ks):
             raise ValueError(f"ks: steps must lie in [0, K={K}], got {ks}")
         r_idx, k_idx = torch.tensor(rows, dtype=torch.long), torch.tensor(ks, dtype=torch.long)
+        kept = self._kept_for(shard, rows, k_idx)
         if augmented:
             aug = self._take("aug", shard, rows)
             k_idx = torch.where(aug[torch.arange(len(rows)), k_idx], torch.full_like(k_idx, K), k_idx)
+        if kept is not None:  # a subset store: the column of each step among the item's kept ones
+            k_idx = (kept == k_idx.unsqueeze(1)).long().argmax(dim=1)
         mem = self._in_memory(shard)
         parts = []
         for i in range(len(self.layout_shapes)):
@@ -295,6 +340,20 @@ class Trajectories:
                 sl = self._handle(shard).get_slice(f"z.{i}")
                 parts.append(torch.stack([sl[r, k] for r, k in zip(rows, k_idx.tolist())]).to(dtype))
         return tuple(parts) if self.is_tuple else parts[0]
+
+    def _kept_for(self, shard: int, rows: list[int], ks: Tensor) -> Optional[Tensor]:
+        """A subset store's kept steps of these rows, after checking each asked-for step was kept
+        (None for a full store, which keeps every step)."""
+        if self.store == "full":
+            return None
+        kept = self._take("kept", shard, rows)
+        missing = torch.nonzero(~(kept == ks.unsqueeze(1)).any(dim=1)).flatten().tolist()
+        if missing:
+            i = missing[0]
+            raise ValueError(f"ks: step {int(ks[i])} of item (shard {shard}, row {rows[i]}) was not kept by this "
+                             f"subset store (kept steps {kept[i].tolist()}); {len(missing)} row(s) ask for a step "
+                             "not kept. Draw steps among Trajectories.kept_steps (see draw_steps)")
+        return kept
 
     def inputs(self, shard: int, rows: Optional[Sequence[int]] = None) -> Any:
         """The inputs x of the given rows (a tensor or tuple of tensors, as the loader gave them)."""
@@ -372,6 +431,8 @@ def sample_trajectories(
     cache_dir: Optional[str | Path] = None,
     dtype: Any = None,
     seed: int = 0,
+    store: str = "full",
+    keep: Optional[int] = None,
 ) -> Trajectories:
     """Run the teacher's solver for ``steps`` = K steps per input batch and cache z_0..z_K (Alg. 4).
 
@@ -389,30 +450,48 @@ def sample_trajectories(
             A cache with the same settings and inputs is resumed or reused, any other is a
             ValueError; damaged shards are named (:class:`~cdeq.io.ArtefactWarning`) and resampled.
         dtype: storage dtype of the states: None (the teacher's), "float16" or "bfloat16".
-        seed: seeds the Gaussian z_0 and the augmentation masks.
+        seed: seeds the Gaussian z_0, the augmentation masks and a subset store's kept steps.
+        store, keep: ``"full"`` stores z_0..z_K; ``"subset"`` stores z_0, z_K and ``keep`` steps
+            drawn per item by :func:`subset_steps` (``online`` is :class:`~cdeq.consistency.store.OnlineTeacher`).
 
+    Prints the store's size (:func:`~cdeq.consistency.store.store_bytes`) before the first shard is
+    sampled and raises OSError (ENOSPC) naming the bytes needed and free when it does not fit.
     Raises ValueError naming the batch when its inputs or the teacher's states are not finite.
     """
     _check_sampling_args(steps, z0, p_aug, k_min, k_tail, dtype)
+    _check_store(store, steps, keep)
     _warn_if_shuffled(inputs)
     solver_options = dict(solver_options or {})
-    tmp = None
-    if cache_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="cdeq-traj-")
-        cache_dir = tmp.name
-    root = Path(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    settings = {"format": FORMAT_VERSION, "teacher_hash": module_hash(teacher), "solver": solver,
+    root, tmp = _cache_root(cache_dir)
+    settings = {"format": SUBSET_FORMAT if store == "subset" else FORMAT_VERSION,
+                "teacher_hash": module_hash(teacher), "solver": solver,
                 "solver_options": json.loads(json.dumps(solver_options)), "steps": steps, "z0": z0,
                 "p_aug": float(p_aug), "k_min": k_min, "k_tail": k_tail, "dtype": _dtype_name(dtype), "seed": seed,
-                "time_map": "state k = teacher iterate after k calls of f; t_k by the student's Eq. 6"}
+                "time_map": "state k = teacher iterate after k calls of f; t_k by the student's Eq. 6",
+                "store": store, "keep": keep}
     store_dtype = STORAGE_DTYPES[dtype] if (dtype is None or isinstance(dtype, str)) else dtype
-    sampling = _Sampling(teacher, root, settings, _resumable_meta(root, settings), store_dtype)
+    sampling = _Sampling(teacher, root, settings, _resumable_meta(root, settings), store_dtype,
+                         _planned_items(inputs))
     for index, batch in enumerate(inputs):
         sampling.add(index, batch)
     traj = Trajectories(root, sampling.finish(), tmp)
     traj._verified.update(range(traj.num_shards))  # each shard was just written or checked
     return traj
+
+
+def _check_store(store: str, steps: int, keep: Optional[int]) -> None:
+    if store not in ("full", "subset"):
+        raise ValueError(f"store: expected 'full' or 'subset' (for 'online' use cdeq.consistency.store."
+                         f"OnlineTeacher, which stores nothing), got {store!r}")
+    kept_states(store, steps, keep)
+
+
+def _cache_root(cache_dir: Optional[str | Path]) -> tuple[Path, Optional[tempfile.TemporaryDirectory]]:
+    """The cache folder, created; None gives a temporary one (returned too, to keep it alive)."""
+    tmp = tempfile.TemporaryDirectory(prefix="cdeq-traj-") if cache_dir is None else None
+    root = Path(tmp.name if tmp is not None else cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    return root, tmp
 
 
 def _warn_if_shuffled(inputs: Iterable[Any]) -> None:
@@ -438,12 +517,13 @@ def _resumable_meta(root: Path, settings: dict) -> Optional[dict]:
     except CorruptArtefactError as e:
         warnings.warn(f"{e}; sampling the cache again", ArtefactWarning, stacklevel=3)
         return None
-    diff = [k for k in _CHECKED_KEYS if old.get(k) != settings[k]]
+    diff = [k for k in _CHECKED_KEYS if old.get(k, _SETTING_DEFAULTS.get(k)) != settings[k]]
     if diff:
-        detail = ", ".join(f"{k}: cache {old.get(k)!r} vs requested {settings[k]!r}" for k in diff)
+        detail = ", ".join(f"{k}: cache {old.get(k, _SETTING_DEFAULTS.get(k))!r} vs requested {settings[k]!r}"
+                           for k in diff)
         raise ValueError(f"cache_dir: the trajectory cache at {root} was sampled with other settings ({detail}); "
                          "use another cache_dir or delete this one")
-    if old.get("format") != FORMAT_VERSION or "batch_hashes" not in old:
+    if old.get("format") != settings["format"] or "batch_hashes" not in old:
         warnings.warn(f"cache_dir: the trajectory cache at {root} was written by an older cdeq (format "
                       f"{old.get('format')}) without input keys or shard digests; sampling it again",
                       UserWarning, stacklevel=3)
@@ -465,9 +545,10 @@ class _Sampling:
     and is sampled otherwise. Progress goes to the manifest after every new shard."""
 
     def __init__(self, teacher: nn.Module, root: Path, settings: dict, old: Optional[dict],
-                 store_dtype: Optional[torch.dtype]) -> None:
+                 store_dtype: Optional[torch.dtype], planned_items: Optional[int]) -> None:
         self.teacher, self.root, self.settings, self.old = teacher, root, settings, old
-        self.store_dtype = store_dtype
+        self.store_dtype, self.planned_items = store_dtype, planned_items
+        self._item_size: Optional[tuple[list, Any, int]] = None  # state shapes, dtype, input bytes per item
         self.complete = bool(old and old.get("complete"))
         self.recorded = len(old["batch_hashes"]) if old else 0
         self.layout: Optional[dict] = {k: old[k] for k in _LAYOUT_KEYS} if old and "state_shapes" in old else None
@@ -496,7 +577,9 @@ class _Sampling:
                 return
             warnings.warn(f"{path}: SHA-256 differs from the one in {META_FILE}, or the file is missing; "
                           f"sampling batch {index} again", ArtefactWarning, stacklevel=3)
-        lay, digest = _write_shard(self.model(), x, y, index, path, key, self.settings, self.store_dtype)
+        self._check_space(x, y)
+        first_item = sum(self.record["shard_sizes"])
+        lay, digest = _write_shard(self.model(), x, y, index, path, key, self.settings, self.store_dtype, first_item)
         if self.layout is not None and (lay["state_shapes"], lay["state_is_tuple"]) != (
                 self.layout["state_shapes"], self.layout["state_is_tuple"]):
             raise ValueError(f"inputs: batch {index} gives states of shape {lay['state_shapes']} (per item), "
@@ -505,6 +588,34 @@ class _Sampling:
         self._append(key, digest, lay["items"])
         if not self.complete:
             self._write_meta(complete=False)
+
+    def _size(self, items: int, shards: int) -> int:
+        """Bytes on disk of ``items`` items in ``shards`` shards (the estimate plus the file overheads)."""
+        shapes, dtype, input_bytes = self._item_size
+        s = self.settings
+        return store_bytes(shapes, s["steps"], items, s["store"], s["keep"], dtype,
+                           input_bytes=input_bytes) + shards * SHARD_OVERHEAD_BYTES
+
+    def _check_space(self, x: Any, y: Optional[Tensor]) -> None:
+        """Before the first shard to sample: print the store's size and refuse it when it exceeds the
+        free space of the folder; before every later one, refuse a shard that does not fit."""
+        items = as_tuple(x)[0].shape[0] if as_tuple(x)[0].dim() else 1
+        if self._item_size is not None:
+            _refuse_if_full(self.root, self._size(items, 1), "the next shard")
+            return
+        self._item_size = _item_size(self.model(), x, y, self.store_dtype)
+        planned = self.planned_items
+        if planned is None:
+            size, what = self._size(items, 1), f"{items} items per shard (the item count is unknown)"
+        else:
+            size = self._size(planned, -(-planned // max(items, 1))) + MANIFEST_OVERHEAD_BYTES
+            what = f"{planned} items"
+        s = self.settings
+        states = kept_states(s["store"], s["steps"], s["keep"])
+        on_disk = sum(p.stat().st_size for p in self.root.glob("shard-*.safetensors"))
+        print(f"[trajectories] store {s['store']!r}: {what} x {states} states per item, about {human_bytes(size)} "
+              f"({size} bytes; {human_bytes(on_disk)} already on disk) at {self.root}", flush=True)
+        _refuse_if_full(self.root, max(size - on_disk, 0), f"the {s['store']!r} store")
 
     def model(self) -> nn.Module:
         """A frozen eval-mode copy of the teacher, made when the first shard must be sampled."""
@@ -540,6 +651,47 @@ class _Sampling:
         return self._write_meta(complete=True)
 
 
+def _planned_items(inputs: Iterable[Any]) -> Optional[int]:
+    """The number of items ``inputs`` will give, where that is known without iterating: a
+    DataLoader's sized dataset, or a list or tuple of batches (None otherwise)."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(inputs, DataLoader):
+        try:
+            return len(inputs) * inputs.batch_size if inputs.drop_last else len(inputs.dataset)
+        except TypeError:  # an iterable-style dataset without len
+            return None
+    if isinstance(inputs, (list, tuple)):
+        return sum(_batch_items(batch, i) for i, batch in enumerate(inputs))
+    return None
+
+
+def _batch_items(batch: Any, index: int) -> int:
+    first = as_tuple(_split_batch(batch, index)[0])[0]
+    return first.shape[0] if first.dim() else 1
+
+
+def _item_size(model: nn.Module, x: Any, y: Optional[Tensor], store_dtype: Optional[torch.dtype]
+               ) -> tuple[list, torch.dtype, int]:
+    """One item's state shapes and storage dtype (from the teacher's z_0, no solve) and input bytes."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        z0 = model.init_state(model.inject(map_state(lambda t: t.to(device), x)))
+    layout = StateLayout(z0, "teacher.init_state(u)")
+    inputs = sum(t.nbytes for t in as_tuple(x)) + (0 if y is None else y.nbytes)
+    return [list(s[1:]) for s in layout.shapes], store_dtype or layout.dtype, inputs // max(layout.batch_size, 1)
+
+
+def _refuse_if_full(root: Path, needed: int, what: str) -> None:
+    """Raise OSError (ENOSPC) when ``needed`` bytes exceed the free space of ``root``."""
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"cache_dir: {what} needs about {needed} bytes ({human_bytes(needed)}) but "
+                      f"{root} has {free} bytes ({human_bytes(free)}) free; free space, choose another cache_dir, "
+                      "store='subset' with a smaller keep, dtype='float16', or the online teacher "
+                      "(cdeq.consistency.store.OnlineTeacher)")
+
+
 def _rows_list(rows: list[int]) -> str:
     return f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
 
@@ -555,14 +707,17 @@ def _check_finite_inputs(x: Any, index: int) -> None:
                                  "(the shards before it are kept)")
 
 
-def _check_finite_states(tensors: dict[str, Tensor], residual: Tensor, index: int) -> None:
+def _check_finite_states(tensors: dict[str, Tensor], residual: Tensor, index: int,
+                         kept: Optional[Tensor] = None) -> None:
     """Raise naming the batch, its rows and the first step where the stored states or the
-    teacher's residuals are not finite (a diverged solve would leave z_K = an old iterate)."""
+    teacher's residuals are not finite (a diverged solve would leave z_K = an old iterate).
+    ``kept``: a subset store's steps, the columns of its states."""
     bad = ~torch.isfinite(residual)
     for name, z in tensors.items():
         if name.startswith("z."):
             finite = torch.isfinite(z)
-            bad |= ~(finite.flatten(2).all(dim=2) if finite.dim() > 2 else finite)
+            bad_z = ~(finite.flatten(2).all(dim=2) if finite.dim() > 2 else finite)
+            bad |= bad_z if kept is None else torch.zeros_like(bad).scatter_(1, kept, bad_z)
     if bool(bad.any()):
         rows = torch.nonzero(bad.any(dim=1)).flatten().tolist()
         step = int(torch.nonzero(bad.any(dim=0)).min())
@@ -571,10 +726,34 @@ def _check_finite_states(tensors: dict[str, Tensor], residual: Tensor, index: in
                          "sampling stopped (the shards before it are kept)")
 
 
+def subset_steps(seed: int, item: int, steps: int, keep: int) -> Tensor:
+    """The steps a ``subset`` store keeps for the item at position ``item`` (counted over all
+    batches in order): 0, ``keep`` distinct steps of 1..K-1 and K, sorted, as int64. A generator
+    seeded from a hash of (seed, item) alone, so any item's steps can be drawn again in isolation."""
+    kept_states("subset", steps, keep)
+    digest = hashlib.sha256(f"cdeq-subset|{seed}|{item}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    middle = torch.randperm(steps - 1, generator=gen)[:keep].sort().values + 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), middle, torch.full((1,), steps, dtype=torch.long)])
+
+
+def _state_tensors(states: list, layout: StateLayout, kept: Optional[Tensor],
+                   store_dtype: Optional[torch.dtype]) -> dict[str, Tensor]:
+    """The stored states ``z.i``: ``(B, K+1, ...)`` per part, or ``(B, keep+2, ...)`` of the kept steps."""
+    tensors: dict[str, Tensor] = {}
+    for i in range(len(layout.shapes)):
+        stacked = torch.stack([as_tuple(s)[i] for s in states], dim=1)  # (B, K+1, ...)
+        if kept is not None:
+            rows = torch.arange(layout.batch_size, device=stacked.device).unsqueeze(1)
+            stacked = stacked[rows, kept.to(stacked.device)]
+        tensors[f"z.{i}"] = stacked.to(store_dtype or stacked.dtype).cpu().contiguous()
+    return tensors
+
+
 def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path: Path, key: str,
-                 settings: dict, store_dtype: Optional[torch.dtype]) -> tuple[dict, str]:
+                 settings: dict, store_dtype: Optional[torch.dtype], first_item: int) -> tuple[dict, str]:
     """Solve one input batch with the teacher and write its shard atomically; returns its layout
-    and the shard's SHA-256."""
+    and the shard's SHA-256. ``first_item`` is the position of its first item over all batches."""
     from cdeq import solve
 
     steps, seed = settings["steps"], settings["seed"]
@@ -591,11 +770,11 @@ def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path
                         return_states="all", trace=True, **settings["solver_options"])
     B = layout.batch_size
     residual = torch.cat([info.trace, info.rel_residual.unsqueeze(0)], dim=0).t().float().cpu()
-    tensors: dict[str, Tensor] = {}
-    for i in range(len(layout.shapes)):
-        stacked = torch.stack([as_tuple(s)[i] for s in info.states], dim=1)  # (B, K+1, ...)
-        tensors[f"z.{i}"] = stacked.to(store_dtype or stacked.dtype).cpu().contiguous()
-    _check_finite_states(tensors, residual, index)
+    kept = None
+    if settings["store"] == "subset":
+        kept = torch.stack([subset_steps(seed, first_item + r, steps, settings["keep"]) for r in range(B)])
+    tensors = _state_tensors(info.states, layout, kept, store_dtype)
+    _check_finite_states(tensors, residual, index, kept)
     x_parts = len(x) if isinstance(x, (tuple, list)) else 0
     if x_parts:
         for i, part in enumerate(x):
@@ -606,6 +785,8 @@ def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path
         tensors["y"] = y.detach().cpu().contiguous()
     tensors["residual"] = residual.contiguous()
     tensors["aug"] = _augmentation_mask(B, steps, settings["p_aug"], settings["k_min"], settings["k_tail"], gen)
+    if kept is not None:
+        tensors["kept"] = kept
     lay = {"items": B, "state_shapes": [list(s[1:]) for s in layout.shapes], "state_is_tuple": layout.is_tuple,
            "x_parts": x_parts, "has_labels": y is not None}
     # one metadata key: safetensors writes several in a random order, and the digest must be reproducible
