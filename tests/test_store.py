@@ -212,9 +212,18 @@ def test_store_bytes_and_the_storage_table_at_the_papers_scale():
     assert store_bytes([410], 30, 10, "subset", 4) == 10 * (6 * 820 + 31 * 5 + 6 * 8)
     assert store_bytes([410], 30, 10, "online") == 0
     table = storage_table(mdeq_small, 30, 1_281_167, "float16", keeps=(4,))
-    assert "| full | 31 |" in table and "| 14.9 TB |" in table and "| online, z_K cached | 1 |" in table
+    assert "| full | 31 |" in table and "| 14.9 TB |" in table and "| z_K alone | 1 |" in table
     assert "| 0.482 TB |" not in table and "482 GB" in table
     with pytest.raises(ValueError, match="keep"):
         store_bytes([4], 5, 1, "subset", 5)
     with pytest.raises(ValueError, match="dtype"):
         store_bytes([4], 5, 1, "full", None, "int8")
+
+
+def test_the_tables_in_docs_storage_md_are_the_helpers_output():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "storage.md").read_text(encoding="utf-8")
+    mdeq_small = [[32, 56, 56], [64, 28, 28], [128, 14, 14], [256, 7, 7]]
+    assert storage_table(mdeq_small, 30, 1_281_167, "float16", keeps=(4, 8)) in doc
+    assert storage_table([150, 410], 30, 103_227_021 // 150, "float16", keeps=(4, 8)) in doc

@@ -102,7 +102,7 @@ def storage_table(state_shapes: Sequence[int] | Sequence[Sequence[int]], steps: 
                   dtype: Any = "float16", keeps: Sequence[int] = (4, 8), *, input_bytes: int = 0) -> str:
     """A markdown table of what each strategy stores for a model with these per-item state shapes."""
     rows = [("full", "full", None, False)] + [(f"subset, keep={m}", "subset", m, False) for m in keeps] + [
-        ("online, z_K cached", "online", None, True), ("online", "online", None, False)]
+        ("z_K alone", "online", None, True), ("online", "online", None, False)]
     lines = ["| strategy | states per item | per item | total |", "|---|---:|---:|---:|"]
     for label, store, keep, z_star in rows:
         total = store_bytes(state_shapes, steps, items, store, keep, dtype, input_bytes=input_bytes,
