@@ -156,6 +156,18 @@ def test_bf16_autocast_keeps_the_fixed_point_and_a_float32_anderson_system(monke
         OnlineTeacher(teacher, steps=3, amp="fp8")
 
 
+def test_bf16_sampling_stores_what_the_bf16_online_teacher_gives(tmp_path):
+    teacher = ToyDEQ()
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(6))
+    stored = _sample(teacher, [x], amp="bf16", cache_dir=tmp_path)
+    ks = torch.arange(8) + 3
+    online = OnlineTeacher(teacher, steps=K, solver_options=OPTIONS, amp="bf16").states(x, ks)
+    assert torch.equal(online[0], stored.states(0, None, ks.tolist()))
+    assert not torch.equal(online[0], _sample(teacher, [x]).states(0, None, ks.tolist()))
+    with pytest.raises(ValueError, match="amp: cache 'bf16' vs requested None"):
+        _sample(teacher, [x], cache_dir=tmp_path)
+
+
 def _tensor_bytes(root) -> int:
     total = 0
     for path in root.glob("shard-*.safetensors"):

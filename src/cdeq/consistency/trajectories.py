@@ -41,8 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, human_bytes, kept_states,
-                                    store_bytes)
+from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, check_amp, human_bytes,
+                                    kept_states, store_bytes, teacher_fn)
 from cdeq.io import ArtefactWarning, CorruptArtefactError, atomic_write_bytes, atomic_write_json, sha256_file
 from cdeq.state import State, StateLayout, as_tuple, map_state
 
@@ -57,9 +57,9 @@ MEMORY_SHARD_BYTES = 64 << 20
 MEMORY_SHARDS = 8
 # Settings that must agree between a cache on disk and the request that reads or extends it.
 _CHECKED_KEYS = ("teacher_hash", "solver", "solver_options", "steps", "z0", "p_aug", "k_min",
-                 "k_tail", "dtype", "seed", "time_map", "store", "keep")
+                 "k_tail", "dtype", "seed", "time_map", "store", "keep", "amp")
 # What a manifest written before a setting existed means by its absence.
-_SETTING_DEFAULTS = {"store": "full", "keep": None}
+_SETTING_DEFAULTS = {"store": "full", "keep": None, "amp": None}
 
 
 def module_hash(module: nn.Module) -> str:
@@ -433,6 +433,7 @@ def sample_trajectories(
     seed: int = 0,
     store: str = "full",
     keep: Optional[int] = None,
+    amp: Optional[str] = None,
 ) -> Trajectories:
     """Run the teacher's solver for ``steps`` = K steps per input batch and cache z_0..z_K (Alg. 4).
 
@@ -453,6 +454,7 @@ def sample_trajectories(
         seed: seeds the Gaussian z_0, the augmentation masks and a subset store's kept steps.
         store, keep: ``"full"`` stores z_0..z_K; ``"subset"`` stores z_0, z_K and ``keep`` steps
             drawn per item by :func:`subset_steps` (``online`` is :class:`~cdeq.consistency.store.OnlineTeacher`).
+        amp: ``"bf16"`` runs f under bf16 autocast (the solver's small system stays float32).
 
     Prints the store's size (:func:`~cdeq.consistency.store.store_bytes`) before the first shard is
     sampled and raises OSError (ENOSPC) naming the bytes needed and free when it does not fit.
@@ -468,7 +470,8 @@ def sample_trajectories(
                 "solver_options": json.loads(json.dumps(solver_options)), "steps": steps, "z0": z0,
                 "p_aug": float(p_aug), "k_min": k_min, "k_tail": k_tail, "dtype": _dtype_name(dtype), "seed": seed,
                 "time_map": "state k = teacher iterate after k calls of f; t_k by the student's Eq. 6",
-                "store": store, "keep": keep}
+                "store": store, "keep": keep,
+                "amp": check_amp(amp, next((p.device for p in teacher.parameters()), torch.device("cpu")))}
     store_dtype = STORAGE_DTYPES[dtype] if (dtype is None or isinstance(dtype, str)) else dtype
     sampling = _Sampling(teacher, root, settings, _resumable_meta(root, settings), store_dtype,
                          _planned_items(inputs))
@@ -766,7 +769,8 @@ def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path
         if settings["z0"] == "gaussian":
             z0 = map_state(lambda p: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), z0)
         layout = StateLayout(z0, "teacher.init_state(u)")
-        _, info = solve(lambda z: model.layer(z, u), z0, solver=settings["solver"], max_iter=steps, tol=0.0,
+        f = teacher_fn(model, u, settings["amp"], device)
+        _, info = solve(f, z0, solver=settings["solver"], max_iter=steps, tol=0.0,
                         return_states="all", trace=True, **settings["solver_options"])
     B = layout.batch_size
     residual = torch.cat([info.trace, info.rel_residual.unsqueeze(0)], dim=0).t().float().cpu()
