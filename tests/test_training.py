@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from cdeq.io import load_checkpoint, random_state, restore_random_state, save_checkpoint
-from cdeq.training import BEST, CHECKPOINT, METRICS, OptimConfig, TrainLoop, epoch_stream, lr_factor
+from cdeq.training import BEST, CHECKPOINT, METRICS, Objective, OptimConfig, TrainLoop, epoch_stream, lr_factor
 
 
 def fit(model, loss_fn, batches, cfg, run_dir, **options):
     """A supervised run through :class:`TrainLoop` (what the tasks' teacher training does)."""
-    loop = TrainLoop(model, lambda b: loss_fn(model, b), epoch_stream(batches), cfg, run_dir, progress=False, **options)
+    loop = TrainLoop(model, Objective(model, loss_fn), epoch_stream(batches), cfg, run_dir, progress=False, **options)
     return loop.run()
 
 
@@ -68,7 +68,7 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="min_lr_ratio"):
         OptimConfig(min_lr_ratio=1.5)
     with pytest.raises(TypeError, match="OptimConfig"):
-        TrainLoop(nn.Linear(2, 2), lambda b: None, epoch_stream(lambda e: []), {"steps": 1})
+        TrainLoop(nn.Linear(2, 2), nn.Identity(), epoch_stream(lambda e: []), {"steps": 1})
 
 
 def test_fit_trains_and_writes_checkpoint_and_metrics(tmp_path):
@@ -178,7 +178,7 @@ def test_after_step_hook_runs_once_per_step_and_the_floor_is_a_setting(tmp_path)
 
     model = make()
     cfg = OptimConfig(steps=5, lr=1.0, min_lr_ratio=0.1)
-    Recording(model, lambda b: _loss()(model, b), epoch_stream(batches), cfg, progress=False).run()
+    Recording(model, Objective(model, _loss()), epoch_stream(batches), cfg, progress=False).run()
     assert seen == pytest.approx([lr_factor(s, cfg) for s in range(5)])
     assert seen[-1] > 0.1
 
@@ -186,7 +186,7 @@ def test_after_step_hook_runs_once_per_step_and_the_floor_is_a_setting(tmp_path)
 def test_a_run_without_a_terminal_prints_one_summary_line(tmp_path, capsys):
     make, batches = _problem()
     model = make()
-    TrainLoop(model, lambda b: _loss()(model, b), epoch_stream(batches), OptimConfig(steps=12, lr=1e-2),
+    TrainLoop(model, Objective(model, _loss()), epoch_stream(batches), OptimConfig(steps=12, lr=1e-2),
               name="quiet").run()  # progress=None: a bar only on a terminal, and pytest's stderr is not one
     out, err = capsys.readouterr()
     assert out.count("[quiet] 12 steps") == 1 and "quiet" not in err

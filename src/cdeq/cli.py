@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-TASKS = ("cora", "citeseer", "fashion-mnist", "mnist", "gutenberg")
+TASKS = ("cora", "citeseer", "fashion-mnist", "mnist", "gutenberg", "wikitext-2")
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         config = PipelineConfig.from_args(args, command="cdeq " + " ".join(argv))
     except ValueError as err:
         sub_parser.error(str(err))
+    from cdeq import distributed
+
+    config.device = str(distributed.init(config.device))  # under torchrun: join the ranks, cuda:LOCAL_RANK
     if args.show_config:
         print(config.describe())
         return 0

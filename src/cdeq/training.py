@@ -7,15 +7,18 @@ steps (:func:`cdeq.io.save_checkpoint`, loaded with ``weights_only=True``). Its 
 
 - ``model``: the module trained and checkpointed (a teacher, or a loss module such as
   :class:`cdeq.consistency.ConsistencyLoss` that holds the student and its EMA target);
-- ``loss(batch) -> (loss, terms)``: one batch's loss and the named terms averaged into the history;
+- ``objective``: a module whose ``forward(batch) -> (loss, terms)`` computes one batch's loss (the
+  model itself when it is a loss module, else :class:`Objective`); with several ranks it runs under
+  ``DistributedDataParallel`` (:func:`cdeq.distributed.wrap`), which averages the gradients;
 - ``batches(epoch, offset)``: the seeded batches of an epoch from position ``offset`` on, so a
   resumed run sees exactly the batches the uninterrupted run saw;
 - :meth:`TrainLoop.after_step`: the hook subclasses override (the distillation loop's EMA update).
 
 Seeding rule: torch's global stream (dropout) is seeded with ``cfg.seed`` when the loop starts and
-restored from the checkpoint on resume, so a run never depends on what its process did before.
-It writes into ``run_dir`` (if given): ``checkpoint.pt``, ``best.pt`` (the best validation weights,
-if ``select`` is given) and ``metrics.json`` at the end.
+restored from the checkpoint on resume (each rank its own), so a run never depends on what its
+process did before. The main rank writes into ``run_dir`` (if given): ``checkpoint.pt``, ``best.pt``
+(the best validation weights, if ``select`` is given) and ``metrics.json`` at the end; every rank
+resumes from them. Logged numbers are averaged over ranks.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cdeq import distributed
 from cdeq.config import check_int, check_number
 from cdeq.io import atomic_write_json, load_checkpoint, random_state, restore_random_state, save_checkpoint
 
@@ -37,7 +41,6 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS = "metrics.json"
 
-LossFn = Callable[[Any], tuple[Tensor, dict[str, Any]]]
 BatchStream = Callable[[int, int], Iterable[Any]]
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
@@ -94,6 +97,15 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
+def mean_over_ranks(logs: dict[str, float]) -> dict[str, float]:
+    """Each logged number averaged over the ranks that logged it (one process: ``logs`` itself)."""
+    every = distributed.gather(logs)
+    if len(every) == 1:
+        return logs
+    keys = sorted({k for d in every for k in d})
+    return {k: sum(d[k] for d in every if k in d) / sum(1 for d in every if k in d) for k in keys}
+
+
 def epoch_stream(batches: Callable[[int], Iterable[Any]]) -> BatchStream:
     """A :data:`BatchStream` from ``epoch -> iterable`` whose order cannot skip: resuming replays it."""
 
@@ -105,6 +117,18 @@ def epoch_stream(batches: Callable[[int], Iterable[Any]]) -> BatchStream:
     return stream
 
 
+class Objective(nn.Module):
+    """A loss function of a model as a module, ``forward(batch) = fn(model, batch)``, so that the
+    whole step runs inside one forward (and under DDP when there are several ranks)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], tuple[Tensor, dict[str, Any]]]) -> None:
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, Any]]:
+        return self.fn(self.model, batch)
+
+
 def progress_bar(total: int, initial: int, desc: str, progress: Optional[bool]) -> tqdm:
     """A tqdm bar; ``progress=None`` shows it only when stderr is a terminal."""
     return tqdm(total=total, initial=initial, desc=desc, disable=None if progress is None else not progress,
@@ -112,11 +136,12 @@ def progress_bar(total: int, initial: int, desc: str, progress: Optional[bool]) 
 
 
 class TrainLoop:
-    """Train ``model`` on ``loss`` over ``batches`` for ``cfg.steps`` steps; :meth:`run` returns the metrics.
+    """Train ``model`` on ``objective`` over ``batches`` for ``cfg.steps`` steps; :meth:`run` returns the metrics.
 
     Args:
         model: the module trained (its parameters with ``requires_grad``) and checkpointed.
-        loss: ``batch -> (loss, terms)``; ``terms`` are numbers or 0-dim tensors averaged into the history.
+        objective: a module, ``forward(batch) -> (loss, terms)``; ``terms`` are numbers or 0-dim
+            tensors averaged into the history. It holds ``model`` (or is it).
         batches: ``(epoch, offset) -> iterable of batches`` (an epoch may be endless).
         cfg: the :class:`OptimConfig`; resuming a checkpoint written with another is an error.
         run_dir: where checkpoints and metrics go (None: nowhere, no resume).
@@ -128,13 +153,13 @@ class TrainLoop:
     Example:
         >>> model = nn.Linear(2, 1)
         >>> data = [(torch.randn(8, 2), torch.randn(8, 1)) for _ in range(4)]
-        >>> loss = lambda b: (nn.functional.mse_loss(model(b[0]), b[1]), {})
-        >>> metrics = TrainLoop(model, loss, epoch_stream(lambda e: data), OptimConfig(steps=8), progress=False).run()
+        >>> objective = Objective(model, lambda m, b: (nn.functional.mse_loss(m(b[0]), b[1]), {}))
+        >>> metrics = TrainLoop(model, objective, epoch_stream(lambda e: data), OptimConfig(steps=8), progress=False).run()
         >>> metrics["steps"]
         8
     """
 
-    def __init__(self, model: nn.Module, loss: LossFn, batches: BatchStream, cfg: OptimConfig,
+    def __init__(self, model: nn.Module, objective: nn.Module, batches: BatchStream, cfg: OptimConfig,
                  run_dir: Optional[str | Path] = None, *, name: str = "train", evaluate: Optional[Evaluate] = None,
                  select: Optional[str] = None, maximize: bool = True, meta: Optional[dict[str, Any]] = None,
                  progress: Optional[bool] = None) -> None:
@@ -142,7 +167,8 @@ class TrainLoop:
             raise TypeError(f"cfg: expected an OptimConfig, got {type(cfg).__name__}")
         if select is not None and evaluate is None:
             raise ValueError("select: selecting the best model needs an evaluate function")
-        self.model, self.loss, self.batches, self.cfg = model, loss, batches, cfg
+        self.model, self.objective, self.batches, self.cfg = model, objective, batches, cfg
+        self.step_module = objective
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.name, self.evaluate, self.select, self.maximize = name, evaluate, select, maximize
         self.meta, self.progress = meta or {}, progress
@@ -178,23 +204,28 @@ class TrainLoop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step, self.epoch, self.offset = ckpt["step"], ckpt["epoch"], ckpt["offset"]
         self.history, self.best, self.elapsed = ckpt["history"], ckpt["best"], ckpt["elapsed"]
-        restore_random_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks")
+        restore_random_state(ranks[distributed.rank()] if ranks and len(ranks) == distributed.world_size()
+                             else ckpt["rng"])
 
     def save(self, started: float) -> None:
         path = self._checkpoint_path()
-        if path is not None:
+        if path is None:
+            return
+        ranks = distributed.gather(random_state())  # a collective: every rank takes part
+        if distributed.is_main():
             save_checkpoint(path, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "epoch": self.epoch, "offset": self.offset, "rng": random_state(), "config": self._config(),
+                "epoch": self.epoch, "offset": self.offset, "rng": ranks[0], "config": self._config(),
                 "history": self.history, "best": self.best, "elapsed": self.elapsed + time.time() - started,
-                "meta": self.meta})
+                "meta": self.meta, **({"rng_ranks": ranks} if len(ranks) > 1 else {})})
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self, batch: Any) -> dict[str, float]:
         """One optimiser step on ``batch``; returns the logged numbers."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
-        loss, terms = self.loss(batch)
+        loss, terms = self.step_module(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.name}: non-finite loss {float(loss)} at step {self.step}; lower the lr")
         self.optimizer.zero_grad(set_to_none=True)
@@ -224,7 +255,9 @@ class TrainLoop:
             raise KeyError(f"select: {self.select!r} is not among the evaluation's keys {sorted(result)}")
         value = float(result[self.select])
         if self.best is None or (value > self.best["value"] if self.maximize else value < self.best["value"]):
-            save_checkpoint(self.run_dir / BEST, {"model": self.model.state_dict(), "step": self.step, "value": value})
+            if distributed.is_main():
+                save_checkpoint(self.run_dir / BEST, {"model": self.model.state_dict(), "step": self.step,
+                                                      "value": value})
             self.best = {"step": self.step, "value": value}
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -234,9 +267,10 @@ class TrainLoop:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.cfg.seed)
         self.resume()
+        self.step_module = distributed.wrap(self.objective)
         started = time.time()
-        bar = progress_bar(self.cfg.steps, self.step, self.name, self.progress)
-        self.model.train()
+        bar = progress_bar(self.cfg.steps, self.step, self.name, self.progress and distributed.is_main())
+        self.objective.train()
         sums: dict[str, float] = {}
         count = 0
         while self.step < self.cfg.steps:
@@ -248,7 +282,7 @@ class TrainLoop:
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                     self.history.append({"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                                         **{k: v / count for k, v in sums.items()}})
+                                         **mean_over_ranks({k: v / count for k, v in sums.items()})})
                     bar.set_postfix(loss=f"{self.history[-1]['loss']:.4g}")
                     sums, count = {}, 0
                 if self.evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
@@ -265,15 +299,16 @@ class TrainLoop:
 
     def _finish(self, started: float) -> dict[str, Any]:
         final = self.validate() if self.evaluate is not None else {}
+        distributed.barrier()  # best.pt and the last checkpoint are on disk before any rank reads them
         if self.select is not None and self.run_dir is not None and (self.run_dir / BEST).exists():
             self.model.load_state_dict(load_checkpoint(self.run_dir / BEST)["model"])
         wall = self.elapsed + time.time() - started
         metrics = {"name": self.name, "steps": self.step, "config": self._config(), "final_val": final,
                    "best": self.best, "wall_s": round(wall, 1), "meta": self.meta, "history": self.history}
-        if self.run_dir is not None:
+        if self.run_dir is not None and distributed.is_main():
             atomic_write_json(self.run_dir / METRICS, metrics)
         last = next((h for h in reversed(self.history) if "loss" in h), {})
         summary = " ".join(f"{k}={v:.4g}" for k, v in final.items())
-        print(f"[{self.name}] {self.step} steps in {wall:.0f}s, last loss {last.get('loss', float('nan')):.4g}"
+        distributed.print0(f"[{self.name}] {self.step} steps in {wall:.0f}s, last loss {last.get('loss', float('nan')):.4g}"
               f"{'; val: ' + summary if summary else ''}{f'; best {self.best}' if self.best else ''}", flush=True)
         return metrics

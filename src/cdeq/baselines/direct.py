@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from cdeq import distributed
 from cdeq.consistency.config import DirectConfig
 from cdeq.consistency.distill import prepare, trajectory_stream
 from cdeq.consistency.losses import TaskLoss, cross_entropy
@@ -51,6 +52,7 @@ def train_direct(student: ConsistencyDEQ, trajectories: Trajectories, config: Di
 
     def draw(gen: torch.Generator) -> tuple[Any, Tensor]:
         shard, rows = trajectories.sample(config.batch_size, gen)
+        rows = distributed.local_rows(rows)
         return to_device(trajectories.inputs(shard, rows), dev), to_device(trajectories.labels(shard, rows), dev)
 
     loss = DirectLoss(student, config, task_loss)

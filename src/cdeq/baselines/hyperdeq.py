@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from cdeq import distributed
 from cdeq.consistency.config import HyperDEQConfig
 from cdeq.consistency.distill import prepare, trajectory_stream
 from cdeq.consistency.initialiser import StateInitialiser
@@ -184,6 +185,7 @@ def train_hyperdeq(hyper: HyperDEQ, trajectories: Trajectories, config: HyperDEQ
 
     def draw(gen: torch.Generator) -> tuple[Any, State]:
         shard, rows = trajectories.sample(config.batch_size, gen)
+        rows = distributed.local_rows(rows)
         return (to_device(trajectories.inputs(shard, rows), dev),
                 to_device(trajectories.states(shard, rows, K, augmented=False), dev))
 

@@ -18,11 +18,13 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from cdeq import distributed
 from cdeq.consistency.config import DistillConfig
-from cdeq.consistency.losses import ConsistencyLoss, DistillBatch, TaskLoss
+from cdeq.consistency.losses import ConsistencyLoss, DistillBatch, TaskLoss, mean_square
+from cdeq.consistency.sharded import ShardedTrajectories
 from cdeq.consistency.student import ConsistencyDEQ
 from cdeq.consistency.trajectories import Trajectories
-from cdeq.state import State, StateLayout, to_device
+from cdeq.state import State, StateLayout, map_state, to_device
 from cdeq.training import BatchStream, TrainLoop, step_generator
 
 
@@ -38,7 +40,7 @@ def check_state_shapes(student_state: State, traj: Trajectories) -> None:
 def prepare(model: Any, trajectories: Trajectories, device: Optional[str | torch.device]) -> torch.device:
     """Check that ``model`` (a student or HyperDEQ, with a frozen ``teacher`` copy) belongs to the
     cache (same teacher, same state shapes), move it to ``device`` and build it; returns the device."""
-    if not isinstance(trajectories, Trajectories):
+    if not isinstance(trajectories, (Trajectories, ShardedTrajectories)):
         raise TypeError(f"trajectories: expected a Trajectories, got {type(trajectories).__name__}")
     trajectories.check_teacher(model.teacher)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -61,11 +63,21 @@ def trajectory_stream(draw: Callable[[torch.Generator], Any], seed: int) -> Batc
 
 def draw_batch(trajectories: Trajectories, cfg: DistillConfig, gen: torch.Generator,
                device: torch.device) -> DistillBatch:
-    """Items, steps k ~ U{0..K} (U{1..K} without ``include_k0``) and the states the loss reads."""
-    shard, rows = trajectories.sample(cfg.batch_size, gen)
+    """Items, steps k ~ U{0..K} (U{1..K} without ``include_k0``) and the states the loss reads.
+
+    Every rank draws the same global batch and keeps its strided share of the rows; the distances'
+    scale (the mean square of z_K) is that of the global batch, so it is the same on every rank."""
+    shard, global_rows = trajectories.sample(cfg.batch_size, gen)
     K = trajectories.steps
-    k = torch.randint(0 if cfg.include_k0 else 1, K + 1, (len(rows),), generator=gen)
-    anchor_u = torch.rand(len(rows), generator=gen) if cfg.anchor_weight > 0 else None
+    k = torch.randint(0 if cfg.include_k0 else 1, K + 1, (len(global_rows),), generator=gen)
+    anchor_u = torch.rand(len(global_rows), generator=gen) if cfg.anchor_weight > 0 else None
+    z_star = trajectories.states(shard, global_rows, K, augmented=False)
+    scale = float(mean_square(z_star)) if cfg.normalize else 1.0
+    mine = torch.arange(len(global_rows))[distributed.rank()::distributed.world_size()]
+    rows = [global_rows[i] for i in mine.tolist()]
+    if len(rows) < len(global_rows):
+        k, z_star = k[mine], map_state(lambda p: p[mine], z_star)
+        anchor_u = None if anchor_u is None else anchor_u[mine]
 
     def read(ks: torch.Tensor) -> State:
         return to_device(trajectories.states(shard, rows, ks.tolist()), device)
@@ -75,7 +87,7 @@ def draw_batch(trajectories: Trajectories, cfg: DistillConfig, gen: torch.Genera
         x=to_device(trajectories.inputs(shard, rows), device), y=None if y is None else to_device(y, device), k=k,
         z_k=read(k), z_prev=read((k - 1).clamp_min(0)),
         z_prev2=read((k - 2).clamp_min(0)) if cfg.lambda_global < 1.0 else None,
-        z_star=to_device(trajectories.states(shard, rows, K, augmented=False), device), anchor_u=anchor_u)
+        z_star=to_device(z_star, device), anchor_u=anchor_u, scale=scale)
 
 
 class DistillLoop(TrainLoop):

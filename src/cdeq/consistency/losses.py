@@ -108,7 +108,8 @@ class DistillBatch:
     """One step's items: inputs, labels, the drawn steps k and the teacher states the loss reads.
 
     ``z_prev`` is z_{t_{k-1}} and ``z_prev2`` z_{t_{k-2}} (clamped at 0; ``z_prev2`` only when the
-    local term is on); ``anchor_u`` the uniform draws that place the anchor times in [eps, T].
+    local term is on); ``anchor_u`` the uniform draws that place the anchor times in [eps, T];
+    ``scale`` divides the distances (None: the mean square of this batch's z_K).
     """
 
     x: object
@@ -119,6 +120,7 @@ class DistillBatch:
     z_prev2: Optional[State]
     z_star: State
     anchor_u: Optional[Tensor]
+    scale: Optional[float] = None
 
 
 class ConsistencyLoss(nn.Module):
@@ -159,7 +161,7 @@ class ConsistencyLoss(nn.Module):
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, student = self.config, self.student
-        scale = float(mean_square(batch.z_star)) if cfg.normalize else 1.0
+        scale = batch.scale if batch.scale is not None else float(mean_square(batch.z_star)) if cfg.normalize else 1.0
         k = batch.k.to(_device(batch.z_star))
         u = student.inject(batch.x)
         out, l_global = self.global_term(u, batch, k, scale)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
+from cdeq import distributed
 from cdeq.measure import peak_memory_mb, student_latency, time_ms
 from cdeq.state import State, batch_norm2, to_device
 
@@ -54,7 +55,8 @@ def evaluate_method(run: "Run", name: str, method: Optional[Method], nfe: Option
                     logits: Optional[Callable[[Any], Tensor]] = None) -> dict[str, Any]:
     """One row: the metric on the test split, the mean relative residual of the states, and the
     median time and peak memory of one call on the first test batch. ``method=None`` evaluates
-    ``logits(x)`` (a network with no fixed point, the explicit baseline)."""
+    ``logits(x)`` (a network with no fixed point, the explicit baseline). With several ranks the
+    metric and the residual's mean are reduced exactly over ranks; the main rank alone times."""
     teacher, s, residuals = run.teacher(), run.s, []
 
     def predict(x: Any) -> Tensor:
@@ -67,17 +69,26 @@ def evaluate_method(run: "Run", name: str, method: Optional[Method], nfe: Option
 
     with torch.no_grad():
         value = run.task.evaluate(predict, "test", batch_size=s["eval_batch_size"], limit=s["eval_limit"])
-        x0, _ = next(iter(run.task.batches("test", batch_size=s["eval_batch_size"], limit=1)))
-        x0 = to_device(x0, run.device)
-        call = (lambda: teacher.readout(method.state(x0, nfe))) if method is not None else (lambda: logits(x0))
-        ms = time_ms(call, run.device, repeats=s["time_repeats"])
-        mem = peak_memory_mb(call, run.device)
-    rel = float(torch.cat(residuals).mean()) if residuals else None
+        ms = mem = None
+        if distributed.is_main():
+            x0, _ = next(iter(run.task.batches("test", batch_size=s["eval_batch_size"], limit=1)))
+            x0 = to_device(x0, run.device)
+            call = (lambda: teacher.readout(method.state(x0, nfe))) if method is not None else (lambda: logits(x0))
+            ms = time_ms(call, run.device, repeats=s["time_repeats"])
+            mem = peak_memory_mb(call, run.device)
+    rel = mean_over_ranks(residuals) if method is not None else None
     shown = f"{value * 100:.2f}%" if run.task.metric == "accuracy" else f"ppl {value:.2f}"
-    print(f"  {name:<20} nfe {str(nfe):>4}  {shown:>10}  rel.res {rel if rel is None else f'{rel:.2e}'}  "
-          f"{ms:8.2f} ms", flush=True)
+    distributed.print0(f"  {name:<20} nfe {str(nfe):>4}  {shown:>10}  rel.res {rel if rel is None else f'{rel:.2e}'}  "
+          f"{ms or 0.0:8.2f} ms", flush=True)
     return {"method": name, "nfe": nfe, "value": value, "rel_residual": rel, "time_ms": ms, "params": params,
             "peak_mem_mb": mem}
+
+
+def mean_over_ranks(values: list[Tensor]) -> float:
+    """The mean of every rank's values together (a sum and a count reduced, not a mean of means)."""
+    mine = torch.cat(values).double() if values else torch.zeros(0, dtype=torch.float64)
+    total, count = distributed.sum_all([float(mine.sum()), mine.numel()])
+    return total / count if count else float("nan")
 
 
 def evaluate_grid(run: "Run", methods: dict[str, tuple[Method, list[int], int]]) -> list[dict[str, Any]]:
@@ -104,4 +115,4 @@ def converged_teacher(run: "Run") -> dict[str, Any]:
 
     with torch.no_grad():
         value = run.task.evaluate(predict, "test", batch_size=run.s["eval_batch_size"], limit=run.s["eval_limit"])
-    return {"nfe": float(torch.cat(nfes).mean()), "value": value}
+    return {"nfe": mean_over_ranks(nfes), "value": value}

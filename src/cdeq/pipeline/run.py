@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cdeq import distributed
 from cdeq.measure import LATENCY_RATIO, device_name
 from cdeq.pipeline.evaluate import PerBudget, TeacherSolver, converged_teacher, evaluate_grid, evaluate_method, latency
 from cdeq.pipeline.settings import PipelineConfig
@@ -16,12 +17,13 @@ def trained(model: Any) -> int:
 
 
 def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]:
-    """Run (or resume) every stage of ``config`` and write the table and figures; returns the table."""
+    """Run (or resume) every stage of ``config`` and write the table and figures; returns the table.
+    Under torchrun every rank runs every stage on its share of the data; the main rank writes."""
     from cdeq.report import markdown_table, write_report
 
     run = Run(config)
     s = run.s
-    print(f"cdeq run {config.task}: preset {config.preset}, device {config.device}, seed {config.seed}, "
+    distributed.print0(f"cdeq run {config.task}: preset {config.preset}, device {config.device}, seed {config.seed}, "
           f"run dir {run.run_dir}", flush=True)
     run.train_teacher()
     run.train_explicit()
@@ -33,7 +35,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
     directs = {j: run.train_direct(j)[0] for j in s["nfe"]}
     explicit = run.explicit()
 
-    print("[evaluate] test split", flush=True)
+    distributed.print0("[evaluate] test split", flush=True)
     teacher, nfes = run.teacher(), list(s["nfe"])
     teacher_nfes = sorted(set(nfes) | set(s["teacher_nfe"]))
     methods = {
@@ -50,10 +52,11 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
         "task": config.task, "command": config.command, "device": device_name(run.device), "commit": run.commit,
         "seed": config.seed, "preset": config.preset, "teacher_converged": converged_teacher(run),
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-        "latency": latency(run, cdeq_student, nfes),
+        "latency": latency(run, cdeq_student, nfes) if distributed.is_main() else None,
         "latency_ratio": LATENCY_RATIO,
         "rows": rows,
     }
-    write_report(run.run_dir, table, figures=figures)
-    print(markdown_table(table), flush=True)
+    if distributed.is_main():
+        write_report(run.run_dir, table, figures=figures)
+        print(markdown_table(table), flush=True)
     return table

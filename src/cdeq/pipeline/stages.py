@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from cdeq import distributed
 from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
 from cdeq.measure import git_commit
 from cdeq.pipeline.settings import STAGE_VERSION, PipelineConfig, distill_config
@@ -42,23 +43,34 @@ class Stage:
         return (self.dir / "done.json").exists()
 
     def run(self, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``fn(dir) -> summary`` unless done; print and return the one-line summary."""
+        """Run ``fn(dir) -> summary`` unless done; print and return the one-line summary. Every
+        rank runs ``fn`` (training is collective); the main rank writes the stage's files."""
         if self.done:
             summary = json.loads((self.dir / "done.json").read_text())["summary"]
-            print(f"[{self.name}] cached ({self.dir.name}): {_line(summary)}", flush=True)
+            distributed.print0(f"[{self.name}] cached ({self.dir.name}): {_line(summary)}", flush=True)
             return summary
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.dir / "settings.json", self.payload)
+        if distributed.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.dir / "settings.json", self.payload)
+        distributed.barrier()
         t0 = time.perf_counter()
         summary = fn(self.dir)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
-        atomic_write_json(self.dir / "done.json", {"summary": summary})
-        print(f"[{self.name}] done ({self.dir.name}): {_line(summary)}", flush=True)
+        if distributed.is_main():
+            atomic_write_json(self.dir / "done.json", {"summary": summary})
+        distributed.barrier()  # the stage's files are on disk before any rank reads them
+        distributed.print0(f"[{self.name}] done ({self.dir.name}): {_line(summary)}", flush=True)
         return summary
 
 
 def _line(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+
+
+def save_model(d: Path, model: torch.nn.Module) -> None:
+    """A trained stage's weights, ``d/model.pt``, written by the main rank."""
+    if distributed.is_main():
+        save_checkpoint(d / "model.pt", {"model": model.state_dict()})
 
 
 def param_count(module: torch.nn.Module) -> int:
@@ -105,10 +117,12 @@ class Run:
         """Take a finished training run's checkpoints and metrics into a stage directory."""
         import shutil
 
-        for name in (CHECKPOINT, BEST, METRICS):
-            if (source / name).exists():
-                shutil.copyfile(source / name, d / f".{name}.tmp")
-                (d / f".{name}.tmp").replace(d / name)
+        if distributed.is_main():
+            for name in (CHECKPOINT, BEST, METRICS):
+                if (source / name).exists():
+                    shutil.copyfile(source / name, d / f".{name}.tmp")
+                    (d / f".{name}.tmp").replace(d / name)
+        distributed.barrier()
         metrics = json.loads((d / METRICS).read_text())
         return {self.task.metric: metrics["test"][self.task.metric], "from": str(source)}
 
@@ -132,10 +146,10 @@ class Run:
         return model.to(self.device).eval()
 
     def trajectories(self):
-        from cdeq.consistency import Trajectories
+        from cdeq.consistency.sharded import open_trajectories
 
         if self._trajectories is None:
-            self._trajectories = Trajectories.open(self.traj_stage.dir / "cache", teacher=self.teacher())
+            self._trajectories = open_trajectories(self.traj_stage.dir / "cache", teacher=self.teacher())
         return self._trajectories
 
     def timemap(self) -> dict[str, Any]:
@@ -175,13 +189,21 @@ class Run:
         from cdeq.consistency import sample_trajectories
 
         def fn(d: Path) -> dict[str, Any]:
+            from cdeq.consistency.sharded import part_dir, write_parts
+
+            world, rank = distributed.world_size(), distributed.rank()
             batches = self.task.batches("train", batch_size=self.s["traj_batch_size"], shuffle=True,
                                         limit=self.s["traj_batches"], seed=self.config.seed)
-            traj = sample_trajectories(self.teacher(), ((to_device(x, self.device), y) for x, y in batches),
-                                       steps=self.s["traj_steps"], solver="anderson",
-                                       solver_options={"m": self.s["anderson_m"]}, p_aug=self.s["p_aug"],
-                                       cache_dir=d / "cache", dtype=getattr(torch, self.s["traj_dtype"]),
-                                       seed=self.config.seed)
+            mine = ((to_device(x, self.device), y) for i, (x, y) in enumerate(batches) if i % world == rank)
+            sample_trajectories(self.teacher(), mine, steps=self.s["traj_steps"], solver="anderson",
+                                solver_options={"m": self.s["anderson_m"]}, p_aug=self.s["p_aug"],
+                                cache_dir=part_dir(d / "cache", world, rank),
+                                dtype=getattr(torch, self.s["traj_dtype"]), seed=self.config.seed)
+            distributed.barrier()
+            if world > 1 and distributed.is_main():
+                write_parts(d / "cache", world)
+            distributed.barrier()
+            traj = self.trajectories()
             final = float(torch.cat([traj.residuals(i)[:, -1].float() for i in range(traj.num_shards)]).mean())
             return {"items": len(traj), "K": traj.steps, "final_rel_residual": final}
         return self.traj_stage.run(fn)
@@ -200,7 +222,7 @@ class Run:
 
         def fn(d: Path) -> dict[str, Any]:
             distill(student, self.trajectories(), config, run_dir=d, device=self.device)
-            save_checkpoint(d / "model.pt", {"model": student.state_dict()})
+            save_model(d, student)
             err = equilibrium_error(student.state, self.trajectories(), (1, 2, 4), max_items=512, device=self.device)
             return {f"err@{k}": float(v) for k, v in err.items()}
         summary = stage.run(fn)
@@ -219,7 +241,7 @@ class Run:
 
         def fn(d: Path) -> dict[str, Any]:
             history = train_hyperdeq(hyper, self.trajectories(), config, run_dir=d, device=self.device)
-            save_checkpoint(d / "model.pt", {"model": hyper.state_dict()})
+            save_model(d, hyper)
             return {"loss": float(history[-1]["loss"])} if history else {}
         summary = stage.run(fn)
         hyper.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])
@@ -237,7 +259,7 @@ class Run:
 
         def fn(d: Path) -> dict[str, Any]:
             history = train_direct(model, self.trajectories(), config, run_dir=d, device=self.device)
-            save_checkpoint(d / "model.pt", {"model": model.state_dict()})
+            save_model(d, model)
             return {"loss": float(history[-1]["loss"])} if history else {}
         summary = stage.run(fn)
         model.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from cdeq.io import atomic_write_json, load_checkpoint
 from cdeq.state import to_device
 from cdeq.models import DEQModel, num_parameters
-from cdeq.training import BEST, CHECKPOINT, METRICS, OptimConfig, TrainLoop, epoch_stream
+from cdeq import distributed
+from cdeq.training import BEST, CHECKPOINT, METRICS, Objective, OptimConfig, TrainLoop, epoch_stream
 
 IGNORE = -100
 Batch = tuple[Any, Tensor]
@@ -106,10 +107,15 @@ class Task:
     def evaluate(self, predict: Callable[[Any], Tensor], split: str = "test", batch_size: Optional[int] = None,
                  limit: Optional[int] = None, **options: Any) -> float:
         """The metric of ``predict(x) -> logits`` on ``split``: accuracy in [0, 1] or perplexity.
-        ``limit`` caps the number of batches; ``options`` go to :meth:`batches`."""
+        ``limit`` caps the number of batches; ``options`` go to :meth:`batches`. With several ranks
+        each evaluates every world-th batch and the counts, hits and summed NLL are added over ranks
+        (not a mean of means), so the figure is the one-process figure."""
         total, hits, nll = 0, 0, 0.0
+        r, w = distributed.rank(), distributed.world_size()
         with torch.no_grad():
-            for x, y in self.batches(split, batch_size=batch_size, limit=limit, **options):
+            for i, (x, y) in enumerate(self.batches(split, batch_size=batch_size, limit=limit, **options)):
+                if i % w != r:
+                    continue
                 logits = predict(x).to(y.device)
                 keep = y != IGNORE
                 total += int(keep.sum())
@@ -117,6 +123,7 @@ class Task:
                     hits += int((logits.argmax(-1) == y)[keep].sum())
                 else:
                     nll += float(F.cross_entropy(logits[keep].float(), y[keep], reduction="sum"))
+        total, hits, nll = distributed.sum_all([total, hits, nll])
         if total == 0:
             raise ValueError(f"split: {split!r} has no labelled targets")
         return hits / total if self.metric == "accuracy" else math.exp(nll / total)
@@ -169,6 +176,7 @@ class Task:
 
         def stream(epoch: int) -> Iterator[Batch]:
             for x, y in self.batches("train", batch_size=batch_size, shuffle=True, seed=seed * 100003 + epoch, **opts):
+                x, y = distributed.local_batch(x, y)
                 yield to_device(x, device), y.to(device)
 
         def validate(m: nn.Module) -> dict[str, float]:
@@ -178,15 +186,17 @@ class Task:
         torch.manual_seed(seed)
         meta = {**meta, "task": self.name, "kind": kind, "model": type(model).__name__, "params": num_parameters(model)}
         loop_class = ProjectedLoop if callable(getattr(model, "project_", None)) else TrainLoop
-        loop = loop_class(model.to(device), lambda b: step(model, b, recipe), epoch_stream(stream), cfg, run_dir,
+        objective = Objective(model.to(device), lambda m, b: step(m, b, recipe))
+        loop = loop_class(model, objective, epoch_stream(stream), cfg, run_dir,
                           name=f"{self.name}/{kind}", evaluate=validate, select=self._select_key(),
                           maximize=self.higher_is_better, meta=meta, progress=progress)
         metrics = loop.run()
         model.eval()
         metrics["test"] = {self.metric: self.evaluate(lambda x: _logits(model, to_device(x, device)), "test",
                                                       batch_size=batch_size, limit=recipe.get("test_batches"), **opts)}
-        atomic_write_json(Path(run_dir) / METRICS, metrics)
-        print(f"[{self.name}/{kind}] test {self.metric} {metrics['test'][self.metric]:.4f}", flush=True)
+        if distributed.is_main():
+            atomic_write_json(Path(run_dir) / METRICS, metrics)
+        distributed.print0(f"[{self.name}/{kind}] test {self.metric} {metrics['test'][self.metric]:.4f}", flush=True)
         return metrics
 
     def train_teacher(self, run_dir: str | Path, preset: str = "cpu", seed: int = 0, device: str = "cpu",
