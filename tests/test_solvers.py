@@ -405,3 +405,42 @@ def test_torchdeq_solver_names_and_a_zero_budget():
     assert info.abs_trace.shape == info.trace.shape == (info.nfe, 3)
     with pytest.raises(ValueError, match=r"max_iter: expected an int >= 1 .* use cdeq.DEQ\(f_max_iter=0\)"):
         cdeq.solve(f, torch.zeros(3, 10, dtype=torch.float64), max_iter=0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("tuple_state", [False, True])
+def test_a_fixed_budget_makes_no_host_sync_on_the_meta_device(solver, tuple_state):
+    """tol=0 with check_residual=False reads nothing on the host (the meta device, which has no
+    values, stands in for a CUDA-graph capture): no finiteness check of z0, no divergence warning."""
+    W = torch.randn(12, 12, device="meta")
+    if tuple_state:
+        z0 = (torch.zeros(3, 4, 2, device="meta"), torch.zeros(3, 4, device="meta"))
+
+        def f(z):
+            flat = torch.tanh(torch.cat([z[0].flatten(1), z[1]], dim=1) @ W)
+            return flat[:, :8].reshape(3, 4, 2), flat[:, 8:]
+    else:
+        z0 = torch.zeros(3, 12, device="meta")
+
+        def f(z):
+            return torch.tanh(z @ W)
+    z, info = cdeq.solve(f, z0, solver=solver, max_iter=6, tol=0, check_residual=False, trace=True,
+                         return_states="all")
+    assert info.nfe == 6 and len(info.states) == 7 and info.trace.shape == (6, 3)
+    assert all(p.device.type == "meta" for p in base.as_tuple(z))
+    assert info.steps.device.type == "meta" and info.diverged.device.type == "meta"
+
+
+def test_host_checks_gate_the_z0_check_and_are_validated():
+    f, _ = linear_problem(B=2, N=5)
+    z0 = torch.zeros(2, 5, dtype=torch.float64)
+    z0[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):  # on the CPU the checks stay on for a fixed budget
+        cdeq.solve(f, z0, max_iter=3, tol=0, check_residual=False)
+    _, info = cdeq.solve(f, z0, max_iter=3, tol=0, check_residual=False, host_checks=False)
+    assert info.diverged.tolist() == [False, True]  # still reported, only not read on the host
+    with pytest.raises(RuntimeError, match="meta"):  # forced on, the meta device cannot answer
+        cdeq.solve(torch.tanh, torch.zeros(2, 3, device="meta"), max_iter=2, tol=0, check_residual=False,
+                   host_checks=True)
+    with pytest.raises(ValueError, match="host_checks"):
+        cdeq.solve(f, torch.zeros(2, 5, dtype=torch.float64), max_iter=2, host_checks="no")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from cdeq.config import SOLVER_ALIASES
-from cdeq.state import State, StateLayout, batch_norm2
+from cdeq.state import State, StateLayout, as_tuple, batch_norm2
 
 FlatFn = Callable[[Tensor], Tensor]
 ReturnStates = Union[None, str, Sequence[int]]
@@ -150,7 +150,7 @@ class _CountedF:
 def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", max_iter: int = 50,
           tol: float = 1e-4, stop_mode: str = "rel", return_states: ReturnStates = None,
           trace: bool = False, check_residual: bool = True, per_sample: bool = True,
-          **options) -> tuple[State, SolverInfo]:
+          host_checks: Optional[bool] = None, **options) -> tuple[State, SolverInfo]:
     """Find z with f(z) = z, starting from ``z0`` (a tensor or tuple of tensors, batch on dim 0).
 
     ``max_iter`` is the number of calls of ``f``; the returned z after k calls is the k-th iterate.
@@ -167,6 +167,11 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
     a sample that met ``tol`` during the solve but whose returned state fails it warns (coupled
     rows). ``check_residual=False`` skips the call (for timing a budget of exactly ``max_iter``
     calls), leaving ``abs_residual``, ``rel_residual`` and ``converged`` as None.
+    ``host_checks``: whether to read the checks' results on the host (the error for a non-finite
+    z0, the warnings for diverged samples and for frozen samples failing the check). Reading them
+    waits for the device, which a CUDA-graph capture or the ``meta`` device cannot do. None (the
+    default) turns them off only for a fixed budget (``tol=0``, ``check_residual=False``) off the
+    CPU: such a solve then makes no host synchronisation at all; ``info.diverged`` is still set.
 
     Example:
         >>> z, info = solve(lambda z: 0.5 * z + 1, torch.zeros(2, 3), solver="fixed_point_iter", tol=1e-8)
@@ -179,8 +184,11 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
     if _PER_SAMPLE[solver]:
         options = {**options, PER_SAMPLE: per_sample}
     layout = StateLayout(z0, "z0")
+    host_checks = _host_checks(host_checks, tol, check_residual, as_tuple(z0)[0].device)
     with torch.no_grad():
-        z0_flat = _finite(layout.flatten(z0))
+        z0_flat = layout.flatten(z0)
+        if host_checks:
+            _finite(z0_flat)
         f_flat = _CountedF(f, layout)
         z, info = fn(f_flat, z0_flat, max_iter=max_iter, tol=float(tol), stop_mode=stop_mode,
                      return_states=return_states, trace=trace, **options)
@@ -191,10 +199,10 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
         if info.diverged is None:
             info.diverged = torch.zeros(B, dtype=torch.bool, device=z.device)
         if check_residual:
-            _check_returned(f_flat(z), z, info, solver, float(tol), stop_mode)
+            _check_returned(f_flat(z), z, info, solver, float(tol), stop_mode, host_checks)
         if info.states is not None:
             info.states = [layout.unflatten(s) for s in info.states]
-        if bool(info.diverged.any()):
+        if host_checks and bool(info.diverged.any()):
             bad = torch.nonzero(info.diverged).flatten().tolist()
             warnings.warn(
                 f"cdeq.solve(solver={solver!r}): sample(s) {bad} diverged (non-finite iterate, or residual "
@@ -203,12 +211,20 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
     return layout.unflatten(z), info
 
 
-def _finite(z0: Tensor) -> Tensor:
+def _host_checks(host_checks: Optional[bool], tol: float, check_residual: bool, device: torch.device) -> bool:
+    """``solve``'s ``host_checks`` resolved: None is on unless a fixed budget runs off the CPU."""
+    if host_checks is None:
+        return tol > 0 or check_residual or host_reads_are_free(device)
+    if not isinstance(host_checks, bool):
+        raise ValueError(f"host_checks: expected True, False or None (automatic), got {host_checks!r}")
+    return host_checks
+
+
+def _finite(z0: Tensor) -> None:
     finite = torch.isfinite(z0).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
         raise ValueError(f"z0 contains NaN or Inf in sample(s) {bad}")
-    return z0
 
 
 # Rounding slack of the check: a frozen sample's check residual may differ from the one that met tol
@@ -216,15 +232,16 @@ def _finite(z0: Tensor) -> Tensor:
 _CHECK_SLACK, _CHECK_ULPS = 2.0, 16.0
 
 
-def _check_returned(fz: Tensor, z: Tensor, info: SolverInfo, solver: str, tol: float, stop_mode: str) -> None:
-    """Fill the residual fields of ``info`` from the check call ``fz = f(z)``, and warn about the
-    samples that met ``tol`` during the solve but whose returned state fails it."""
+def _check_returned(fz: Tensor, z: Tensor, info: SolverInfo, solver: str, tol: float, stop_mode: str,
+                    warn: bool) -> None:
+    """Fill the residual fields of ``info`` from the check call ``fz = f(z)``, and (``warn``) warn
+    about the samples that met ``tol`` during the solve but whose returned state fails it."""
     info.abs_residual = batch_norm2(fz - z)
     fz_norm = batch_norm2(fz)
     info.rel_residual = info.abs_residual / fz_norm.clamp_min(torch.finfo(torch.float32).tiny)
     r = info.rel_residual if stop_mode == "rel" else info.abs_residual
     info.converged = (r <= tol) & ~info.diverged
-    if info.met_tol is None or tol == 0:
+    if info.met_tol is None or tol == 0 or not warn:
         return
     scale = fz_norm if stop_mode == "rel" else torch.ones_like(fz_norm)
     limit = _CHECK_SLACK * tol * scale + _CHECK_ULPS * torch.finfo(z.dtype).eps * fz_norm
