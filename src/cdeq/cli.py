@@ -87,10 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_config:
         print(config.describe())
         return 0
-    if args.command == "ablate":
-        run_ablation(config, args.grid)
-    else:
-        run_pipeline(config, figures=not args.no_figures)
+    from cdeq.lock import RunDirLocked
+
+    try:
+        if args.command == "ablate":
+            run_ablation(config, args.grid)
+        else:
+            run_pipeline(config, figures=not args.no_figures)
+    except RunDirLocked as err:
+        print(f"cdeq {args.command}: {err}", file=sys.stderr)
+        return 1
+    except PermissionError as err:
+        print(f"cdeq {args.command}: --out {config.out}: cannot write there ({err})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM: the training loop saved a checkpoint first
+        print(f"\ncdeq {args.command}: interrupted ({err or 'no checkpoint was due'}); rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -22,8 +22,11 @@ resumes from them. Logged numbers are averaged over ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +38,8 @@ from tqdm.auto import tqdm
 
 from cdeq import distributed
 from cdeq.config import check_int, check_number
-from cdeq.io import atomic_write_json, load_checkpoint, random_state, restore_random_state, save_checkpoint
+from cdeq.io import (atomic_write_json, load_checkpoint, load_latest_checkpoint, random_state, restore_random_state,
+                     save_checkpoint)
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -117,6 +121,26 @@ def epoch_stream(batches: Callable[[int], Iterable[Any]]) -> BatchStream:
     return stream
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after a checkpoint at a step boundary: rerunning resumes it."""
+
+
+@contextlib.contextmanager
+def stop_requests() -> Any:
+    """SIGINT and SIGTERM set a flag (read between steps) instead of stopping mid-step, so the
+    checkpoint the loop then writes is the exact state after a whole step."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {sig: signal.signal(sig, lambda *_: flag.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 class Objective(nn.Module):
     """A loss function of a model as a module, ``forward(batch) = fn(model, batch)``, so that the
     whole step runs inside one forward (and under DDP when there are several ranks)."""
@@ -192,11 +216,12 @@ class TrainLoop:
         return None if self.run_dir is None else self.run_dir / CHECKPOINT
 
     def resume(self) -> None:
-        """Load ``run_dir/checkpoint.pt`` if there is one: weights, optimiser, position, history, random state."""
+        """Load ``run_dir/checkpoint.pt`` if there is one (the previous one if it is damaged): weights,
+        optimiser, position, history, random state."""
         path = self._checkpoint_path()
-        if path is None or not path.exists():
+        ckpt = None if path is None else load_latest_checkpoint(path)
+        if ckpt is None:
             return
-        ckpt = load_checkpoint(path)
         if ckpt["config"] != self._config():
             raise ValueError(f"resume: {path} was written with other settings ({ckpt['config']}); "
                              "use another run directory or delete it")
@@ -214,7 +239,7 @@ class TrainLoop:
             return
         ranks = distributed.gather(random_state())  # a collective: every rank takes part
         if distributed.is_main():
-            save_checkpoint(path, {
+            save_checkpoint(path, keep_previous=True, state={
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "epoch": self.epoch, "offset": self.offset, "rng": ranks[0], "config": self._config(),
                 "history": self.history, "best": self.best, "elapsed": self.elapsed + time.time() - started,
@@ -271,6 +296,12 @@ class TrainLoop:
         started = time.time()
         bar = progress_bar(self.cfg.steps, self.step, self.name, self.progress and distributed.is_main())
         self.objective.train()
+        with stop_requests() as stop:
+            self._loop(bar, started, stop)
+        bar.close()
+        return self._finish(started)
+
+    def _loop(self, bar: tqdm, started: float, stop: threading.Event) -> None:
         sums: dict[str, float] = {}
         count = 0
         while self.step < self.cfg.steps:
@@ -288,14 +319,17 @@ class TrainLoop:
                 if self.evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
                         and self.step < self.cfg.steps:
                     self.validate()
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                stopping = any(distributed.gather(stop.is_set()))  # every rank stops at the same step
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or stopping:
                     self.save(started)
+                if stopping:
+                    where = f"; its checkpoint is in {self.run_dir}" if self.run_dir is not None else ""
+                    raise Interrupted(f"{self.name}: stopped at step {self.step}{where}; rerun the same command "
+                                      "to resume")
                 if self.step >= self.cfg.steps:
                     break
             else:
                 self.epoch, self.offset = self.epoch + 1, 0
-        bar.close()
-        return self._finish(started)
 
     def _finish(self, started: float) -> dict[str, Any]:
         final = self.validate() if self.evaluate is not None else {}

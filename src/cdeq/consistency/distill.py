@@ -63,20 +63,22 @@ def trajectory_stream(draw: Callable[[torch.Generator], Any], seed: int) -> Batc
 
 def draw_batch(trajectories: Trajectories, cfg: DistillConfig, gen: torch.Generator,
                device: torch.device) -> DistillBatch:
-    """Items, steps k ~ U{0..K} (U{1..K} without ``include_k0``) and the states the loss reads.
+    """Items, steps k ~ U{0..K} (U{1..K} without ``include_k0``) and the states the loss reads;
+    from a ``subset`` store k is drawn among the kept steps, and the nearest kept steps below it
+    stand for k-1 and k-2 (:meth:`~cdeq.consistency.Trajectories.draw_steps`).
 
     Every rank draws the same global batch and keeps its strided share of the rows; the distances'
     scale (the mean square of z_K) is that of the global batch, so it is the same on every rank."""
     shard, global_rows = trajectories.sample(cfg.batch_size, gen)
     K = trajectories.steps
-    k = torch.randint(0 if cfg.include_k0 else 1, K + 1, (len(global_rows),), generator=gen)
+    k, k_prev, k_prev2 = trajectories.draw_steps(shard, global_rows, gen, include_k0=cfg.include_k0)
     anchor_u = torch.rand(len(global_rows), generator=gen) if cfg.anchor_weight > 0 else None
     z_star = trajectories.states(shard, global_rows, K, augmented=False)
     scale = float(mean_square(z_star)) if cfg.normalize else 1.0
     mine = torch.arange(len(global_rows))[distributed.rank()::distributed.world_size()]
     rows = [global_rows[i] for i in mine.tolist()]
     if len(rows) < len(global_rows):
-        k, z_star = k[mine], map_state(lambda p: p[mine], z_star)
+        k, k_prev, k_prev2, z_star = k[mine], k_prev[mine], k_prev2[mine], map_state(lambda p: p[mine], z_star)
         anchor_u = None if anchor_u is None else anchor_u[mine]
 
     def read(ks: torch.Tensor) -> State:
@@ -85,8 +87,8 @@ def draw_batch(trajectories: Trajectories, cfg: DistillConfig, gen: torch.Genera
     y = trajectories.labels(shard, rows)
     return DistillBatch(
         x=to_device(trajectories.inputs(shard, rows), device), y=None if y is None else to_device(y, device), k=k,
-        z_k=read(k), z_prev=read((k - 1).clamp_min(0)),
-        z_prev2=read((k - 2).clamp_min(0)) if cfg.lambda_global < 1.0 else None,
+        k_prev=k_prev, k_prev2=k_prev2, z_k=read(k), z_prev=read(k_prev),
+        z_prev2=read(k_prev2) if cfg.lambda_global < 1.0 else None,
         z_star=to_device(z_star, device), anchor_u=anchor_u, scale=scale)
 
 

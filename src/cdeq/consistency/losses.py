@@ -107,8 +107,9 @@ def own_start(model: "ConsistencyDEQ", u: object, *pairs: tuple[State, Tensor]) 
 class DistillBatch:
     """One step's items: inputs, labels, the drawn steps k and the teacher states the loss reads.
 
-    ``z_prev`` is z_{t_{k-1}} and ``z_prev2`` z_{t_{k-2}} (clamped at 0; ``z_prev2`` only when the
-    local term is on); ``anchor_u`` the uniform draws that place the anchor times in [eps, T];
+    ``z_prev`` is the state at step ``k_prev`` (k-1, or the nearest kept step below k in a subset
+    store) and ``z_prev2`` at ``k_prev2`` (one further down; clamped at 0; ``z_prev2`` only when the
+    local term is on); ``k_prev``/``k_prev2`` None mean k-1 and k-2; ``anchor_u`` the uniform draws that place the anchor times in [eps, T];
     ``scale`` divides the distances (None: the mean square of this batch's z_K).
     """
 
@@ -121,6 +122,13 @@ class DistillBatch:
     z_star: State
     anchor_u: Optional[Tensor]
     scale: Optional[float] = None
+    k_prev: Optional[Tensor] = None
+    k_prev2: Optional[Tensor] = None
+
+    def previous(self) -> tuple[Tensor, Tensor]:
+        """The steps of ``z_prev`` and ``z_prev2`` (CPU, like ``k``)."""
+        prev = (self.k - 1).clamp_min(0) if self.k_prev is None else self.k_prev
+        return prev, (self.k - 2).clamp_min(0) if self.k_prev2 is None else self.k_prev2
 
 
 class ConsistencyLoss(nn.Module):
@@ -184,8 +192,10 @@ class ConsistencyLoss(nn.Module):
     def global_term(self, u: object, batch: DistillBatch, k: Tensor, scale: float) -> tuple[State, Tensor]:
         """g(z_{t_k}, t_k, x) on the teacher's states and d(g, z_K) (Eq. 9)."""
         sched = self.student.schedule
-        z_k, z_prev = own_start(self.student, u, (batch.z_k, k == 0), (batch.z_prev, k <= 1))
-        t_k, t_prev = (sched.train_time(j).to(k.device) for j in (batch.k, (batch.k - 1).clamp_min(0)))
+        prev = batch.previous()[0]
+        first_prev = prev.to(k.device) == 0
+        z_k, z_prev = own_start(self.student, u, (batch.z_k, k == 0), (batch.z_prev, first_prev))
+        t_k, t_prev = (sched.train_time(j).to(k.device) for j in (batch.k, prev))
         out = self.student.consistency(u, z_k, t_k, z_prev, t_prev, first=k == 0)
         return out, self.distance(out, batch.z_star, scale)
 
@@ -195,11 +205,13 @@ class ConsistencyLoss(nn.Module):
         if self.config.lambda_global >= 1.0 or not bool(has_prev.any()):
             return torch.zeros((), device=k.device)
         sched, target = self.student.schedule, self.target
+        prev, prev2 = batch.previous()
+        first_prev, first_prev2 = prev.to(k.device) == 0, prev2.to(k.device) == 0
         with torch.no_grad():
             u = target.inject(batch.x)
-            z_prev, z_prev2 = own_start(target, u, (batch.z_prev, k <= 1), (batch.z_prev2, k <= 2))
-            t_prev, t_prev2 = (sched.train_time((batch.k - j).clamp_min(0)).to(k.device) for j in (1, 2))
-            tgt = target.consistency(u, z_prev, t_prev, z_prev2, t_prev2, first=k <= 1)
+            z_prev, z_prev2 = own_start(target, u, (batch.z_prev, first_prev), (batch.z_prev2, first_prev2))
+            t_prev, t_prev2 = (sched.train_time(j).to(k.device) for j in (prev, prev2))
+            tgt = target.consistency(u, z_prev, t_prev, z_prev2, t_prev2, first=first_prev)
         terms["local"] = self.distance(select_rows(out, has_prev), select_rows(tgt, has_prev), scale)
         return terms["local"]
 

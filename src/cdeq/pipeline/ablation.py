@@ -7,6 +7,7 @@ from typing import Any
 from cdeq.io import atomic_write_json, atomic_write_text
 from cdeq.measure import device_name
 from cdeq.pipeline.evaluate import evaluate_method
+from cdeq.pipeline.run import writer_lock
 from cdeq.pipeline.settings import PipelineConfig
 from cdeq.pipeline.stages import Run
 
@@ -24,6 +25,11 @@ def run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
     write ``ablation-<grid>.json`` / ``.md`` with the metric at each NFE of the run's grid."""
     if grid not in ABLATIONS:
         raise ValueError(f"grid: expected one of {sorted(ABLATIONS)}, got {grid!r}")
+    with writer_lock(config.out):
+        return _run_ablation(config, grid)
+
+
+def _run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
     run = Run(config)
     run.train_teacher()
     run.sample()

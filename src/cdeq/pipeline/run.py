@@ -2,9 +2,11 @@
 and the figures."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from cdeq import distributed
+from cdeq.lock import RunLock
 from cdeq.measure import LATENCY_RATIO, device_name
 from cdeq.pipeline.evaluate import PerBudget, TeacherSolver, converged_teacher, evaluate_grid, evaluate_method, latency
 from cdeq.pipeline.settings import PipelineConfig
@@ -16,9 +18,20 @@ def trained(model: Any) -> int:
     return sum(p.numel() for p in model.trainable_parameters())
 
 
+def writer_lock(out: str) -> contextlib.AbstractContextManager:
+    """The run directory's lock (:class:`~cdeq.lock.RunLock`), taken by the main rank before any stage:
+    a second writer fails at once naming the holder, and an unwritable directory fails here."""
+    return RunLock(out) if distributed.is_main() else contextlib.nullcontext()
+
+
 def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]:
     """Run (or resume) every stage of ``config`` and write the table and figures; returns the table.
     Under torchrun every rank runs every stage on its share of the data; the main rank writes."""
+    with writer_lock(config.out):
+        return _run_pipeline(config, figures)
+
+
+def _run_pipeline(config: PipelineConfig, figures: bool) -> dict[str, Any]:
     from cdeq.report import markdown_table, write_report
 
     run = Run(config)
@@ -54,6 +67,7 @@ def run_pipeline(config: PipelineConfig, figures: bool = True) -> dict[str, Any]
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
         "latency": latency(run, cdeq_student, nfes) if distributed.is_main() else None,
         "latency_ratio": LATENCY_RATIO,
+        "stage_commits": run.stage_commits(),
         "rows": rows,
     }
     if distributed.is_main():

@@ -20,6 +20,9 @@ DEFAULTS: dict[str, Any] = {
     "traj_batches": None,          # training batches to sample trajectories on (None: all)
     "traj_batch_size": None,       # None: the task's batch size
     "traj_dtype": "float16",       # storage dtype of the states
+    "traj_store": "full",          # "full": every state z_0..z_K; "subset": z_0, z_K and traj_keep steps per item
+    "traj_keep": None,             # steps kept per item beside z_0 and z_K by the subset store
+    "traj_amp": None,              # "bf16": the teacher's f under bfloat16 autocast while sampling
     "p_aug": 0.0,                  # Eq. 13 augmentation probability
     "anderson_m": 5,               # the teacher's Anderson window (trajectories and teacher rows)
     "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
@@ -93,7 +96,7 @@ def distill_config(s: dict[str, Any], seed: int) -> "DistillConfig":
 
 
 # Settings whose default is None but whose values are integers.
-_INT_SETTINGS = {"traj_batches", "traj_batch_size", "eval_batch_size", "eval_limit", "rollout_steps", "explicit_steps"}
+_INT_SETTINGS = {"traj_keep", "traj_batches", "traj_batch_size", "eval_batch_size", "eval_limit", "rollout_steps", "explicit_steps"}
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:
@@ -126,6 +129,14 @@ def check_settings(s: dict[str, Any]) -> None:
     check_choice("teacher_preset", s["teacher_preset"], ("tiny", "cpu", "gpu"))
     check_choice("student_init", s["student_init"], INITS)
     check_choice("traj_dtype", s["traj_dtype"], [name for name in STORAGE_DTYPES if name is not None])
+    check_choice("traj_store", s["traj_store"], ("full", "subset"))
+    if (s["traj_store"] == "subset") != (s["traj_keep"] is not None):
+        raise ValueError(f"traj_keep: the subset store needs it and the full store takes none "
+                         f"(traj_store={s['traj_store']!r}, traj_keep={s['traj_keep']!r})")
+    if s["traj_keep"] is not None:
+        check_int("traj_keep", s["traj_keep"], 0)
+    if s["traj_amp"] is not None:
+        check_choice("traj_amp", s["traj_amp"], ("bf16",))
     for name in ("traj_steps", "anderson_m", "distill_steps", "distill_batch_size", "hyper_steps", "direct_steps",
                  "time_repeats"):
         check_int(name, s[name], 1)

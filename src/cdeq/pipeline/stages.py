@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from cdeq import distributed
-from cdeq.io import atomic_write_json, load_checkpoint, save_checkpoint
+from cdeq.io import atomic_write_json, hash_artefacts, list_artefacts, load_checkpoint, save_checkpoint, verify_artefacts
 from cdeq.measure import git_commit
 from cdeq.pipeline.settings import STAGE_VERSION, PipelineConfig, distill_config
 from cdeq.state import to_device
@@ -28,11 +28,13 @@ def _key(payload: Any) -> str:
 
 
 class Stage:
-    """One cached, resumable stage of a run: ``RUN_DIR/<name>-<key>/`` with ``done.json``.
+    """One cached, resumable stage of a run: ``RUN_DIR/<name>-<key>/`` with ``done.json``, which
+    holds the stage's summary, the commit that computed it and the SHA-256 of every file it wrote.
     ``kind`` picks the :data:`STAGE_VERSION` that enters the key (default: the name)."""
 
-    def __init__(self, run_dir: Path, name: str, payload: dict[str, Any], kind: Optional[str] = None) -> None:
-        self.name = name
+    def __init__(self, run_dir: Path, name: str, payload: dict[str, Any], kind: Optional[str] = None,
+                 commit: str = "") -> None:
+        self.name, self.commit = name, commit
         payload = {"version": STAGE_VERSION[kind or name], **payload}
         self.key = _key(payload)
         self.dir = run_dir / f"{name}-{self.key}"
@@ -42,11 +44,32 @@ class Stage:
     def done(self) -> bool:
         return (self.dir / "done.json").exists()
 
+    def record(self) -> dict[str, Any]:
+        """The stage's ``done.json``."""
+        return json.loads((self.dir / "done.json").read_text())
+
+    def intact(self) -> bool:
+        """Whether every file the finished stage recorded still has its SHA-256; a damaged stage is
+        named and reopened so that it is computed again (its damaged checkpoints set aside)."""
+        bad = verify_artefacts(self.dir, self.record().get("artefacts", {}))
+        if not bad:
+            return True
+        distributed.print0(f"[{self.name}] damaged files in {self.dir.name}: {', '.join(bad)}; computing the stage "
+                           "again", flush=True)
+        distributed.barrier()
+        if distributed.is_main():
+            (self.dir / "done.json").unlink()
+            for name in bad:
+                if name.endswith(".pt") and (self.dir / name).exists():
+                    (self.dir / name).replace(self.dir / f"{name}.corrupt")
+        distributed.barrier()
+        return False
+
     def run(self, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         """Run ``fn(dir) -> summary`` unless done; print and return the one-line summary. Every
         rank runs ``fn`` (training is collective); the main rank writes the stage's files."""
-        if self.done:
-            summary = json.loads((self.dir / "done.json").read_text())["summary"]
+        if self.done and self.intact():
+            summary = self.record()["summary"]
             distributed.print0(f"[{self.name}] cached ({self.dir.name}): {_line(summary)}", flush=True)
             return summary
         if distributed.is_main():
@@ -57,7 +80,9 @@ class Stage:
         summary = fn(self.dir)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         if distributed.is_main():
-            atomic_write_json(self.dir / "done.json", {"summary": summary})
+            artefacts = hash_artefacts(self.dir, list_artefacts(self.dir))
+            atomic_write_json(self.dir / "done.json", {"summary": summary, "commit": self.commit,
+                                                       "artefacts": artefacts})
         distributed.barrier()  # the stage's files are on disk before any rank reads them
         distributed.print0(f"[{self.name}] done ({self.dir.name}): {_line(summary)}", flush=True)
         return summary
@@ -91,16 +116,28 @@ class Run:
         self.task = tasks.get(config.task)
         torch.manual_seed(config.seed)
         base = {"task": config.task, "seed": config.seed}
-        self.teacher_stage = Stage(self.run_dir, "teacher", {**base, "preset": self.s["teacher_preset"], "deq": config.deq,
+        self.stages: dict[str, Stage] = {}
+        self.teacher_stage = self.stage("teacher", {**base, "preset": self.s["teacher_preset"], "deq": config.deq,
                                                              "from": self._source_hash("teacher_from")})
-        self.explicit_stage = Stage(self.run_dir, "explicit", {**base, "preset": self.s["teacher_preset"],
+        self.explicit_stage = self.stage("explicit", {**base, "preset": self.s["teacher_preset"],
                                                                "from": self._source_hash("explicit_from"),
                                                                "steps": self.s["explicit_steps"]})
-        traj_keys = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_aug", "anderson_m")
-        self.traj_stage = Stage(self.run_dir, "trajectories", {"teacher": self.teacher_stage.key,
+        traj_keys = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_aug", "anderson_m", "traj_store",
+                     "traj_keep", "traj_amp")
+        self.traj_stage = self.stage("trajectories", {"teacher": self.teacher_stage.key,
                                                                 **{k: self.s[k] for k in traj_keys}})
         self._teacher = None
         self._trajectories = None
+
+    def stage(self, name: str, payload: dict[str, Any], kind: Optional[str] = None) -> Stage:
+        """A stage of this run (recorded for the table's provenance)."""
+        stage = Stage(self.run_dir, name, payload, kind, commit=self.commit)
+        self.stages[name] = stage
+        return stage
+
+    def stage_commits(self) -> dict[str, str]:
+        """The commit that computed each finished stage of this run (a reused stage may be older)."""
+        return {s.dir.name: s.record().get("commit", "unknown") for s in self.stages.values() if s.done}
 
     def _source_hash(self, setting: str) -> Optional[str]:
         """The checkpoint hash of a finished run named by ``setting`` (None when unset)."""
@@ -198,7 +235,8 @@ class Run:
             sample_trajectories(self.teacher(), mine, steps=self.s["traj_steps"], solver="anderson",
                                 solver_options={"m": self.s["anderson_m"]}, p_aug=self.s["p_aug"],
                                 cache_dir=part_dir(d / "cache", world, rank),
-                                dtype=getattr(torch, self.s["traj_dtype"]), seed=self.config.seed)
+                                dtype=getattr(torch, self.s["traj_dtype"]), seed=self.config.seed,
+                                store=self.s["traj_store"], keep=self.s["traj_keep"], amp=self.s["traj_amp"])
             distributed.barrier()
             if world > 1 and distributed.is_main():
                 write_parts(d / "cache", world)
@@ -215,10 +253,12 @@ class Run:
 
         config = distill_config({**self.s, **{k: v for k, v in changes.items() if k in self.s}}, self.config.seed)
         options = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
-        stage = Stage(self.run_dir, name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
+        stage = self.stage(name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
                       {"trajectories": self.traj_stage.key, "structure": structure, **options,
                        **dataclasses.asdict(config)}, kind="student")
-        student = ConsistencyDEQ(self.teacher(), structure=structure, **options).to(self.device)
+        teacher = self.teacher()
+        torch.manual_seed(self.config.seed)  # the stage's model does not depend on what ran before it
+        student = ConsistencyDEQ(teacher, structure=structure, **options).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
             distill(student, self.trajectories(), config, run_dir=d, device=self.device)
@@ -235,9 +275,11 @@ class Run:
 
         config = HyperDEQConfig(steps=self.s["hyper_steps"], batch_size=self.s["distill_batch_size"],
                                 seed=self.config.seed)
-        stage = Stage(self.run_dir, "hyperdeq", {"trajectories": self.traj_stage.key, "m": self.s["anderson_m"],
+        stage = self.stage("hyperdeq", {"trajectories": self.traj_stage.key, "m": self.s["anderson_m"],
                                                  **dataclasses.asdict(config)})
-        hyper = HyperDEQ(self.teacher(), m=self.s["anderson_m"]).to(self.device)
+        teacher = self.teacher()
+        torch.manual_seed(self.config.seed)
+        hyper = HyperDEQ(teacher, m=self.s["anderson_m"]).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
             history = train_hyperdeq(hyper, self.trajectories(), config, run_dir=d, device=self.device)
@@ -253,9 +295,11 @@ class Run:
 
         config = DirectConfig(steps=self.s["direct_steps"], lr=self.s["distill_lr"], nfe=nfe,
                               batch_size=self.s["distill_batch_size"], seed=self.config.seed)
-        stage = Stage(self.run_dir, f"direct-J{nfe}", {"trajectories": self.traj_stage.key, **self.student_options(),
+        stage = self.stage(f"direct-J{nfe}", {"trajectories": self.traj_stage.key, **self.student_options(),
                                                        **dataclasses.asdict(config)}, kind="direct")
-        model = ConsistencyDEQ(self.teacher(), structure="anderson", **self.student_options()).to(self.device)
+        teacher = self.teacher()
+        torch.manual_seed(self.config.seed)
+        model = ConsistencyDEQ(teacher, structure="anderson", **self.student_options()).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
             history = train_direct(model, self.trajectories(), config, run_dir=d, device=self.device)
