@@ -312,7 +312,7 @@ def _f(z):
     (lambda: cdeq.solve(_f, torch.zeros(2, 3), solver="newton"), ValueError,
      r"unknown solver 'newton'; valid solvers: \['anderson', 'broyden', 'fixed_point'"),
     (lambda: cdeq.solve(_f, torch.zeros(2, 3), solver="anderson", beta=0.5), ValueError,
-     r"solver 'anderson': unknown option\(s\) \['beta'\]; valid options: \['m', 'tau', 'lam'\]"),
+     r"solver 'anderson': unknown option\(s\) \['beta'\]; valid options: \['m', 'tau', 'lam', 'history'\]"),
     (lambda: cdeq.solve(_f, torch.zeros(2, 3), solver="fixed_point", m=3), ValueError,
      r"unknown option\(s\) \['m'\]; valid options: \['tau'\]"),
     (lambda: cdeq.solve(_f, torch.zeros(2, 3), max_iter=0), ValueError, r"max_iter: expected an int >= 1"),
@@ -444,3 +444,27 @@ def test_host_checks_gate_the_z0_check_and_are_validated():
                    host_checks=True)
     with pytest.raises(ValueError, match="host_checks"):
         cdeq.solve(f, torch.zeros(2, 5, dtype=torch.float64), max_iter=2, host_checks="no")
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_anderson_history_continues_a_solve_exactly(tau):
+    """Anderson from z_2 with the pairs (z_0, f(z_0)), (z_1, f(z_1)) as history makes the iterates
+    of the solve from z_0 (the window wraps at m = 4 within the budget)."""
+    f = tanh_problem(B=2, N=20, scale=0.95)
+    z0 = torch.zeros(2, 20, dtype=torch.float64)
+    _, full = cdeq.solve(f, z0, max_iter=7, tol=0, m=4, tau=tau, return_states="all")
+    history = [(s, f(s)) for s in full.states[:2]]
+    z, info = cdeq.solve(f, full.states[2], max_iter=5, tol=0, m=4, tau=tau, history=history)
+    assert info.nfe == 5
+    torch.testing.assert_close(z, full.states[7], rtol=0, atol=1e-12)
+
+
+def test_anderson_history_is_checked_against_z0():
+    f = tanh_problem(B=2, N=6)
+    z0 = torch.zeros(2, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"history\[0\] f\(z\): expected shape"):
+        cdeq.solve(f, z0, max_iter=2, history=[(z0, torch.zeros(2, 5, dtype=torch.float64))])
+    with pytest.raises(ValueError, match=r"history\[0\]: expected a pair"):
+        cdeq.solve(f, z0, max_iter=2, history=[z0])
+    with pytest.raises(ValueError, match="unknown option"):
+        cdeq.solve(f, z0, solver="broyden", max_iter=2, history=[(z0, f(z0))])

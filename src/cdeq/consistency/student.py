@@ -15,15 +15,17 @@ injection is computed once per input and, like a DEQ's, is not counted.
 from __future__ import annotations
 
 import copy
+import math
 import functools
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from cdeq.consistency.initialiser import StateInitialiser, pointwise_linear
 from cdeq.consistency.schedule import TimeLike, TimeSchedule
+from cdeq.solvers import SolverInfo, solve
 from cdeq.state import State, StateLayout, as_tuple, map_state
 
 STRUCTURES = ("anderson", "plain")
@@ -90,6 +92,11 @@ def _per_sample(c: Union[float, Tensor], p: Tensor) -> Union[float, Tensor]:
     if isinstance(c, Tensor) and c.dim() > 0:
         return c.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
     return c
+
+
+def _rows(mask: Tensor, p: Tensor) -> Tensor:
+    """A ``(B,)`` mask shaped to broadcast over the state part ``p``."""
+    return mask.reshape(-1, *([1] * (p.dim() - 1)))
 
 
 def lerp(x: State, y: State, w: Union[float, Tensor]) -> State:
@@ -185,7 +192,8 @@ class ConsistencyDEQ(nn.Module):
         self.init = init
         self.initialiser = (StateInitialiser(self.feature_dim, 0 if init == "linear" else init_hidden)
                             if init != "zeros" else None)
-        self.nfe = 0  # network evaluations of the last infer/predict/rollout
+        self.nfe = 0  # network evaluations of the last infer/predict/rollout/solve
+        self.info: Optional[SolverInfo] = None  # per-sample NFE of the last infer(tol=...)
         self._calls = 0
         self.fused = False  # no-grad inference through fused_inference_step (see :meth:`rollout`)
         if example is not None:
@@ -318,20 +326,15 @@ class ConsistencyDEQ(nn.Module):
             self.fused = False
             return None, None
 
-    def rollout(self, x: Any, nfe: int, schedule: Optional[Sequence[float]] = None, *,
-                detach: bool = False, z0: Optional[State] = None, u: Any = None) -> list[State]:
-        """Algorithm 1 with gradients: the states z_{t_1}..z_{t_J} after each of the J steps.
+    def _steps(self, x: Any, nfe: int, schedule: Optional[Sequence[float]], detach: bool, z0: Optional[State],
+               u: Any) -> Iterator[tuple[State, State, State]]:
+        """Algorithm 1 one step at a time: ``(z_{t_j}, h(z_{t_j}), z_{t_{j+1}})`` for j = 0..J-1.
 
         Step j evaluates h once, at (z_{t_j}, t_j); the AA step reuses h at the previous state.
-        ``detach`` cuts the graph between steps (each step then learns from its own earlier
-        estimates as fixed inputs). ``z0`` defaults to :meth:`initial_state`; ``u``,
-        the injection ``self.inject(x)``, may be passed when the caller has it already.
         """
         times = self.schedule.inference_times(nfe, schedule)
         u = self.inject(x) if u is None else u
         z = self.initial_state(u) if z0 is None else z0
-        calls0 = self._calls
-        outs: list[State] = []
         z_prev = h_prev = res_prev = None
         fuse = self.fused and self.structure == "anderson" and not torch.is_grad_enabled()
         for j, t in enumerate(times):
@@ -345,25 +348,98 @@ class ConsistencyDEQ(nn.Module):
                 needs_res = self.structure == "anderson" and (z_prev is not None or j + 1 < len(times))
                 res = residual(z, hz) if needs_res else None
                 new = self.g(z, t, hz, z_prev, h_prev, res, res_prev)
+            yield z, hz, new
             z_prev, h_prev, res_prev = z, hz, res
             if detach:
                 z_prev, h_prev = map_state(torch.detach, z_prev), map_state(torch.detach, h_prev)
                 res_prev = None if res is None else Residual(map_state(torch.detach, res.r), res.sq.detach())
-                new_in = map_state(torch.detach, new)
-            else:
-                new_in = new
-            outs.append(new)
-            z = new_in
+                new = map_state(torch.detach, new)
+            z = new
+
+    def rollout(self, x: Any, nfe: int, schedule: Optional[Sequence[float]] = None, *,
+                detach: bool = False, z0: Optional[State] = None, u: Any = None) -> list[State]:
+        """Algorithm 1 with gradients: the states z_{t_1}..z_{t_J} after each of the J steps.
+
+        ``detach`` cuts the graph between steps (each step then learns from its own earlier
+        estimates as fixed inputs). ``z0`` defaults to :meth:`initial_state`; ``u``,
+        the injection ``self.inject(x)``, may be passed when the caller has it already.
+        """
+        calls0 = self._calls
+        outs = [new for _, _, new in self._steps(x, nfe, schedule, detach, z0, u)]
         self.nfe = self._calls - calls0
         return outs
 
     @torch.no_grad()
     def infer(self, x: Any, nfe: Optional[int] = None, schedule: Optional[Sequence[float]] = None, *,
-              steps: Optional[int] = None) -> State:
+              steps: Optional[int] = None, tol: Optional[float] = None) -> State:
         """Algorithm 1: the equilibrium estimate after ``nfe`` = J network evaluations (default 1), in
         the teacher's state structure. ``schedule``: J times t_0..t_{J-1} in [eps, T] (default B.3).
-        ``self.nfe`` is set to the evaluations made (J). ``steps`` is the deprecated name of ``nfe``."""
-        return self.rollout(x, budget(nfe, steps, "ConsistencyDEQ.infer"), schedule)[-1]
+        ``self.nfe`` is set to the evaluations made (J). ``steps`` is the deprecated name of ``nfe``.
+
+        ``tol``: an adaptive budget of at most J evaluations. A sample stops at the first step that
+        changes its state by at most ``tol`` relative (||z_{t_{j+1}} - z_{t_j}|| <= tol ||z_{t_{j+1}}||)
+        and keeps that step's state; the batch stops once every sample has (one host read per step).
+        ``self.info`` (a :class:`cdeq.SolverInfo`) then gives each sample's NFE in ``steps``; the
+        batch still computes every step it runs, so ``self.nfe`` is the batch's evaluations."""
+        nfe = budget(nfe, steps, "ConsistencyDEQ.infer")
+        if tol is None:
+            return self.rollout(x, nfe, schedule)[-1]
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+            raise ValueError(f"tol: expected a finite relative change >= 0 (or None: a fixed budget), got {tol!r}")
+        return self._adaptive(x, nfe, schedule, float(tol))
+
+    def _adaptive(self, x: Any, nfe: int, schedule: Optional[Sequence[float]], tol: float) -> State:
+        """:meth:`infer` with ``tol``: each sample frozen at the first step whose relative change meets it."""
+        calls0, out, stopped, used = self._calls, None, None, None
+        for j, (z, _, new) in enumerate(self._steps(x, nfe, schedule, False, None, None)):
+            change = batch_sq_norm(map_state(torch.sub, new, z)).sqrt()
+            small = change <= tol * batch_sq_norm(new).sqrt()
+            if out is None:
+                out, stopped = new, small
+                used = torch.where(small, 1, nfe)
+                continue
+            out = map_state(lambda a, b: torch.where(_rows(stopped, a), a, b), out, new)
+            used = torch.where(small & ~stopped, j + 1, used)
+            stopped = stopped | small
+            if bool(stopped.all()):
+                break
+        self.nfe = self._calls - calls0
+        self.info = SolverInfo(nfe=self.nfe, steps=used, converged=stopped)
+        return out
+
+    @torch.no_grad()
+    def solve(self, x: Any, *, tol: float = 1e-4, max_nfe: int = 50, warm: int = 1, solver: str = "anderson",
+              seed_history: bool = False, **options: Any) -> tuple[State, SolverInfo]:
+        """The teacher's exact equilibrium, warm-started by the student: ``warm`` steps of Algorithm 1,
+        then :func:`cdeq.solve` on the teacher's f from the student's state, each sample stopped
+        once its residual meets ``tol`` (the student ends near its own fixed point, not f's: this
+        closes the gap). ``max_nfe`` bounds all network calls, the student's included; ``info.nfe``
+        counts them all, ``info.steps`` is each sample's NFE (``warm`` + its solver calls; the
+        solver's check call is not counted) and ``info.trace`` covers the solver's iterates only.
+        ``seed_history``: start Anderson's window from the student's last two (z, h(z)) pairs
+        instead of empty (free; docs/inference.md measures whether it helps). ``warm=0`` is the
+        teacher's solver from its own z_0. ``options`` go to :func:`cdeq.solve`."""
+        if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:
+            raise ValueError(f"warm: expected an int >= 0 (student steps before the solver), got {warm!r}")
+        if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe <= warm:
+            raise ValueError(f"max_nfe: expected an int > warm={warm} (the solver needs at least one call), "
+                             f"got {max_nfe!r}")
+        if seed_history and warm == 0:
+            raise ValueError("seed_history=True: needs warm >= 1 (the history is the student's steps)")
+        u = self.teacher.inject(x)
+        if warm == 0:
+            z0 = self.teacher.init_state(u)
+        else:
+            steps = list(self._steps(x, warm, None, False, None, None))
+            z0 = steps[-1][2]
+            if seed_history:
+                options["history"] = [(z, hz) for z, hz, _ in steps[-2:]]
+        z, info = solve(lambda z: self.teacher.layer(z, u), z0, solver=solver, max_iter=max_nfe - warm, tol=tol,
+                        **options)
+        info.nfe += warm
+        info.steps = info.steps + warm
+        self.nfe = info.nfe
+        return z, info
 
     def state(self, x: Any, nfe: int) -> State:
         """The state after ``nfe`` network evaluations (:meth:`infer`): the interface every method

@@ -14,6 +14,7 @@ is mostly the fixed cost of each op, so the step issues few: views are made once
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -76,10 +77,13 @@ class _Span:
 
 
 def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
-             trace: bool, m: int = 5, tau: float = 1.0, lam: float = 1e-4,
-             per_sample: bool = True) -> tuple[Tensor, SolverInfo]:
+             trace: bool, m: int = 5, tau: float = 1.0, lam: float = 1e-4, per_sample: bool = True,
+             history: Sequence[tuple[Tensor, Tensor]] = ()) -> tuple[Tensor, SolverInfo]:
     """Anderson acceleration on flat ``(B, N)`` states; ``m`` history size, ``tau`` damping (beta of
-    C-DEQ Eq. 12), ``lam`` regularisation relative to the residuals' squared norms."""
+    C-DEQ Eq. 12), ``lam`` regularisation relative to the residuals' squared norms. ``history``:
+    pairs (z_i, f(z_i)) known before the solve (or estimates of them, e.g. a C-DEQ student's
+    (z, h(z))), oldest first; the last ``m - 1`` fill the window as if they were earlier iterates,
+    so the first step already mixes, at no call of ``f``."""
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m: expected an int >= 1 (history size), got {m!r}")
     check_tau(tau)
@@ -88,7 +92,8 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace,
                   per_sample=per_sample)
     B, N = z0.shape
-    dtype, m = z0.dtype, min(m, max_iter)
+    dtype, m = z0.dtype, min(m, max_iter + len(history))
+    history = history[len(history) - min(len(history), m - 1):]
     work = torch.float64 if dtype == torch.float64 else torch.float32
     # added to sum(diag G G^T) when lam > 0: with every g_i = 0, H = lam floor / n I keeps the bordered
     # system nonsingular (alpha = 1 / n), and n / (lam floor), the size of H^-1, stays below the largest float
@@ -107,12 +112,13 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
     store[:, -1] = floor
     diag_and_floor = store.as_strided((B, 1, m + 1), (store.stride(0), 1, m + 1))
     slots = [_Slot(G, Y, gram, s) for s in range(m)]
+    pre = _preload(history, G, Y, gram, tau)
     spans = [None] + [_Span(Y, gram, diag_and_floor, lam, n) for n in range(2, m + 1)]  # window: min(k, m) slots
     outs = [z0.new_empty(B, N) for _ in range(2)]  # the new iterate alternates between two buffers
     outs_row = [out.unsqueeze(1) for out in outs]
     z, k = z0, 0
     while k < max_iter:
-        s = k % m
+        s = (k + pre) % m
         slot = slots[s]
         fz = f(z)
         k += 1
@@ -128,7 +134,7 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         else:
             torch.lerp(z, fz, tau, out=slot.y)
         del fz  # free f's output before the next call, so the allocator hands its block back to f
-        span = spans[min(k, m) - 1]
+        span = spans[min(k + pre, m) - 1]
         new = outs[k % 2]
         if span is None:  # one slot in the window: z_k = y (the buffer's copy: the slot is rewritten next)
             new.copy_(slot.y)
@@ -140,3 +146,15 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         if mon.done():
             break
     return z, mon.finish(z, k)
+
+
+def _preload(history: Sequence[tuple[Tensor, Tensor]], G: Tensor, Y: Tensor, gram: Tensor, tau: float) -> int:
+    """Write the pairs (z_i, f(z_i)) of ``history`` into the first slots of the ring buffers and
+    their Gram block; returns how many slots they fill."""
+    for i, (z, fz) in enumerate(history):
+        torch.sub(fz, z, out=G[:, i])
+        torch.lerp(z, fz, tau, out=Y[:, i])
+    n = len(history)
+    if n:
+        gram[:, :n, :n] = torch.bmm(G[:, :n], G[:, :n].transpose(1, 2)).to(gram.dtype)
+    return n

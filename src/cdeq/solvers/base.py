@@ -25,6 +25,8 @@ ReturnStates = Union[None, str, Sequence[int]]
 STANDARD_ARGS = ("max_iter", "tol", "stop_mode", "return_states", "trace")
 # Passed to a solver only when it takes it (the built-in ones do); per_sample=False needs it.
 PER_SAMPLE = "per_sample"
+# Known pairs (z_i, f(z_i)) a solver may start from (Anderson does); solve flattens them like z0.
+HISTORY = "history"
 STOP_MODES = ("rel", "abs")
 # A sample whose residual grows this many times above its initial residual is marked diverged.
 DIVERGENCE_RATIO = 1e4
@@ -161,8 +163,9 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
     row until all meet ``tol``. ``tol=0`` is a fixed budget with no host-device synchronisation
     per step. ``return_states="all"`` (or a list of indices) keeps the iterates z_0..z_nfe;
     indices past ``nfe`` give the final state. ``solver`` takes TorchDEQ's names too
-    ("fixed_point_iter"). ``options`` go to the solver (e.g. ``m``, ``tau``, ``lam`` for
-    Anderson); unknown ones are an error.
+    ("fixed_point_iter"). ``options`` go to the solver (e.g. ``m``, ``tau``, ``lam``, ``history``
+    for Anderson); unknown ones are an error. ``history`` (pairs of states in z0's layout) is
+    flattened like z0.
     The check call of ``f`` that measures ``info.abs_residual``/``rel_residual`` is not in ``nfe``;
     a sample that met ``tol`` during the solve but whose returned state fails it warns (coupled
     rows). ``check_residual=False`` skips the call (for timing a budget of exactly ``max_iter``
@@ -184,6 +187,8 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
     if _PER_SAMPLE[solver]:
         options = {**options, PER_SAMPLE: per_sample}
     layout = StateLayout(z0, "z0")
+    if options.get(HISTORY) is not None:
+        options[HISTORY] = _flat_history(options[HISTORY], layout)
     host_checks = _host_checks(host_checks, tol, check_residual, as_tuple(z0)[0].device)
     with torch.no_grad():
         z0_flat = layout.flatten(z0)
@@ -209,6 +214,20 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
                 f"> {DIVERGENCE_RATIO:g}x its initial value); they are frozen at their last finite iterate",
                 RuntimeWarning, stacklevel=2)
     return layout.unflatten(z), info
+
+
+def _flat_history(history: Sequence, layout: StateLayout) -> list[tuple[Tensor, Tensor]]:
+    """The ``history`` option's pairs (z_i, f(z_i)), each state checked against z0's layout, flattened."""
+    if isinstance(history, (str, Tensor)) or not isinstance(history, Sequence):
+        raise ValueError(f"history: expected a list of (z, f(z)) pairs of states, got {type(history).__name__}")
+    flat = []
+    for i, pair in enumerate(history):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"history[{i}]: expected a pair (z, f(z)), got {type(pair).__name__}")
+        for name, state in zip(("z", "f(z)"), pair):
+            layout.check(state, f"history[{i}] {name}")
+        flat.append((layout.flatten(pair[0]), layout.flatten(pair[1])))
+    return flat
 
 
 def _host_checks(host_checks: Optional[bool], tol: float, check_residual: bool, device: torch.device) -> bool:
