@@ -73,6 +73,13 @@ def teacher_feature_dim(teacher: nn.Module) -> int:
     return dim
 
 
+class Plan(NamedTuple):
+    """Algorithm 1's times t_0..t_{J-1} (checked) and c_skip(t_j) of Eq. 5 at each, as floats."""
+
+    times: list[float]
+    c_skips: list[float]
+
+
 class Residual(NamedTuple):
     """r = h(z) - z of one state and ||r||^2 per sample: inference computes it once per step and
     reuses it as the previous residual of the next Anderson step."""
@@ -267,6 +274,10 @@ class ConsistencyDEQ(nn.Module):
         if not self.built:
             raise RuntimeError("ConsistencyDEQ: W is not built; call inject(x) or build(x) first")
         self.schedule.check(t)
+        return self._h(z, t, u)
+
+    def _h(self, z: State, t: TimeLike, u: Any) -> State:
+        """:meth:`h` without the check of ``t`` (a check is data-dependent: export cannot trace it)."""
         self._calls += 1
         out = as_tuple(self.backbone.layer(z, u))
         parts = [self._project(p, lin, t) for p, lin in zip(out, self.proj)]
@@ -288,12 +299,16 @@ class ConsistencyDEQ(nn.Module):
         P = h(z) for the plain structure or without a previous state (Algorithm 1, line 1);
         otherwise P = S^AA(z, z_prev; h) (Eq. 7), reusing the residuals ``res``/``res_prev`` if given.
         """
+        return self._g(z, self.schedule.c_skip(t), hz, z_prev, h_prev, res, res_prev)
+
+    def _g(self, z: State, c_skip: TimeLike, hz: State, z_prev: Optional[State], h_prev: Optional[State],
+           res: Optional[Residual], res_prev: Optional[Residual]) -> State:
+        """:meth:`g` given c_skip(t) itself (computed once per time by :meth:`_plan`)."""
         if self.structure == "plain" or z_prev is None:
             P = hz
         else:
             P = anderson_step(z, hz, z_prev, h_prev, beta_aa=self.beta_aa, lam=self.aa_lam, res=res,
                               res_prev=res_prev)
-        c_skip = self.schedule.c_skip(t)
         if not isinstance(c_skip, Tensor) and c_skip == 0:  # t = eps, every inference's first step: g = P
             return P
         return lerp(P, z, c_skip)  # c_out = 1 - c_skip: one pass
@@ -313,11 +328,16 @@ class ConsistencyDEQ(nn.Module):
                          out_first, out_aa)
 
     # -- Algorithm 1 ---------------------------------------------------------------------------------
+    def _plan(self, nfe: int, schedule: Optional[Sequence[float]]) -> Plan:
+        """The times of Algorithm 1 (checked once here) and c_skip at each."""
+        times = self.schedule.inference_times(nfe, schedule)
+        return Plan(times, [float(self.schedule.c_skip(t)) for t in times])
+
     def _fused_step(self, z: State, hz: State, z_prev: State, h_prev: State, res_prev: Residual,
-                    t: float) -> tuple[Optional[State], Optional[Residual]]:
-        """:func:`fused_inference_step` at time ``t``; ``(None, None)`` (and ``self.fused`` off, with
+                    c_skip: float) -> tuple[Optional[State], Optional[Residual]]:
+        """:func:`fused_inference_step` with ``c_skip``; ``(None, None)`` (and ``self.fused`` off, with
         a warning) if it cannot be compiled here, so the caller runs the eager step."""
-        c_skip = torch.as_tensor(self.schedule.c_skip(t), dtype=as_tuple(z)[0].dtype, device=as_tuple(z)[0].device)
+        c_skip = torch.as_tensor(c_skip, dtype=as_tuple(z)[0].dtype, device=as_tuple(z)[0].device)
         try:
             return fused_inference_step()(z, hz, z_prev, h_prev, res_prev, c_skip, self.beta_aa, self.aa_lam)
         except Exception as err:  # noqa: BLE001 -- inductor's failures (no compiler, ...) have no common type
@@ -326,28 +346,29 @@ class ConsistencyDEQ(nn.Module):
             self.fused = False
             return None, None
 
-    def _steps(self, x: Any, nfe: int, schedule: Optional[Sequence[float]], detach: bool, z0: Optional[State],
-               u: Any) -> Iterator[tuple[State, State, State]]:
+    def _steps(self, x: Any, plan: Plan, detach: bool, z0: Optional[State], u: Any,
+               fuse: bool = True) -> Iterator[tuple[State, State, State]]:
         """Algorithm 1 one step at a time: ``(z_{t_j}, h(z_{t_j}), z_{t_{j+1}})`` for j = 0..J-1.
 
         Step j evaluates h once, at (z_{t_j}, t_j); the AA step reuses h at the previous state.
+        ``fuse=False`` keeps the eager step even when :attr:`fused` is on (for export).
         """
-        times = self.schedule.inference_times(nfe, schedule)
+        times = plan.times
         u = self.inject(x) if u is None else u
         z = self.initial_state(u) if z0 is None else z0
         z_prev = h_prev = res_prev = None
-        fuse = self.fused and self.structure == "anderson" and not torch.is_grad_enabled()
-        for j, t in enumerate(times):
-            hz = self.h(z, t, u)
+        fuse = fuse and self.fused and self.structure == "anderson" and not torch.is_grad_enabled()
+        for j, (t, c_skip) in enumerate(zip(times, plan.c_skips)):
+            hz = self._h(z, t, u)
             new = None
             if fuse and z_prev is not None:
-                new, res = self._fused_step(z, hz, z_prev, h_prev, res_prev, t)
+                new, res = self._fused_step(z, hz, z_prev, h_prev, res_prev, c_skip)
                 fuse = new is not None  # it could not compile: eager from here on
             if new is None:
                 # r = h(z) - z once per step: this step's AA needs it, and the next as its previous residual
                 needs_res = self.structure == "anderson" and (z_prev is not None or j + 1 < len(times))
                 res = residual(z, hz) if needs_res else None
-                new = self.g(z, t, hz, z_prev, h_prev, res, res_prev)
+                new = self._g(z, c_skip, hz, z_prev, h_prev, res, res_prev)
             yield z, hz, new
             z_prev, h_prev, res_prev = z, hz, res
             if detach:
@@ -365,7 +386,7 @@ class ConsistencyDEQ(nn.Module):
         the injection ``self.inject(x)``, may be passed when the caller has it already.
         """
         calls0 = self._calls
-        outs = [new for _, _, new in self._steps(x, nfe, schedule, detach, z0, u)]
+        outs = [new for _, _, new in self._steps(x, self._plan(nfe, schedule), detach, z0, u)]
         self.nfe = self._calls - calls0
         return outs
 
@@ -391,7 +412,7 @@ class ConsistencyDEQ(nn.Module):
     def _adaptive(self, x: Any, nfe: int, schedule: Optional[Sequence[float]], tol: float) -> State:
         """:meth:`infer` with ``tol``: each sample frozen at the first step whose relative change meets it."""
         calls0, out, stopped, used = self._calls, None, None, None
-        for j, (z, _, new) in enumerate(self._steps(x, nfe, schedule, False, None, None)):
+        for j, (z, _, new) in enumerate(self._steps(x, self._plan(nfe, schedule), False, None, None)):
             change = batch_sq_norm(map_state(torch.sub, new, z)).sqrt()
             small = change <= tol * batch_sq_norm(new).sqrt()
             if out is None:
@@ -430,7 +451,7 @@ class ConsistencyDEQ(nn.Module):
         if warm == 0:
             z0 = self.teacher.init_state(u)
         else:
-            steps = list(self._steps(x, warm, None, False, None, None))
+            steps = list(self._steps(x, self._plan(warm, None), False, None, None))
             z0 = steps[-1][2]
             if seed_history:
                 options["history"] = [(z, hz) for z, hz, _ in steps[-2:]]
@@ -440,6 +461,15 @@ class ConsistencyDEQ(nn.Module):
         info.steps = info.steps + warm
         self.nfe = info.nfe
         return z, info
+
+    def as_module(self, nfe: int, schedule: Optional[Sequence[float]] = None, *,
+                  readout: bool = True) -> nn.Module:
+        """A plain ``nn.Module`` x -> :meth:`predict` (or the state, ``readout=False``) with exactly
+        ``nfe`` network calls, which ``torch.export.export`` and ``torch.onnx.export`` accept
+        (:class:`~cdeq.consistency.export.FixedBudgetStudent`; it shares this student's parameters)."""
+        from cdeq.consistency.export import FixedBudgetStudent
+
+        return FixedBudgetStudent(self, nfe, schedule, readout=readout)
 
     def state(self, x: Any, nfe: int) -> State:
         """The state after ``nfe`` network evaluations (:meth:`infer`): the interface every method
