@@ -262,8 +262,9 @@ def test_phantom_returned_states_are_advanced_and_differentiable():
     assert torch.allclose(got, torch.autograd.grad((want * c).sum(), u)[0])
 
 
-class ToyDEQ(cdeq.DEQModel):
-    """inject -> tanh layer -> readout, with weight-normalised layer weights."""
+class NormedDEQ(cdeq.DEQModel):
+    """inject -> tanh layer -> readout in float64, with weight-normalised layer weights (the gradient
+    checks need a normalised layer; the shared toys of conftest have none)."""
 
     feature_dim = -1
 
@@ -290,7 +291,7 @@ class ToyDEQ(cdeq.DEQModel):
 
 def test_gradients_reach_every_parameter_of_a_deq_model():
     torch.manual_seed(0)
-    model = ToyDEQ()
+    model = NormedDEQ()
     logits, info = model(torch.randn(5, 3, dtype=F64), return_steps=[2])
     loss = logits.square().sum() + model.readout(info.states[0]).sum()
     loss.backward()

@@ -27,7 +27,7 @@ def _task(name: str) -> tasks.Task:
 
 
 def test_registry_rejects_unknown_names():
-    assert tasks.available() == ["cora", "citeseer", "fashion-mnist", "mnist", "gutenberg"]
+    assert tasks.available() == ["cora", "citeseer", "fashion-mnist", "mnist", "gutenberg", "wikitext-2"]
     with pytest.raises(ValueError, match="unknown task"):
         tasks.get("imagenet")
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-TASKS = ("cora", "citeseer", "fashion-mnist", "mnist", "gutenberg", "wikitext-2")
-
-
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     from cdeq.config import add_deq_args
     from cdeq.pipeline.settings import PRESETS
+    from cdeq.tasks import NAMES
 
-    parser.add_argument("task", choices=TASKS, help="the real task to run")
+    parser.add_argument("task", choices=NAMES, help="the real task to run")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                         help="size of every stage: tiny (a smoke test), small (Cora: about 4 min on 2 idle CPU cores), "
                              "cpu (under an hour on 2 CPU cores), gpu")

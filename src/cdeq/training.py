@@ -178,8 +178,9 @@ class TrainLoop:
         >>> model = nn.Linear(2, 1)
         >>> data = [(torch.randn(8, 2), torch.randn(8, 1)) for _ in range(4)]
         >>> objective = Objective(model, lambda m, b: (nn.functional.mse_loss(m(b[0]), b[1]), {}))
-        >>> metrics = TrainLoop(model, objective, epoch_stream(lambda e: data), OptimConfig(steps=8), progress=False).run()
-        >>> metrics["steps"]
+        >>> loop = TrainLoop(model, objective, epoch_stream(lambda e: data), OptimConfig(steps=8), progress=False)
+        >>> loop.run()["steps"]  # doctest: +ELLIPSIS
+        [train] 8 steps in ...
         8
     """
 
@@ -343,6 +344,7 @@ class TrainLoop:
             atomic_write_json(self.run_dir / METRICS, metrics)
         last = next((h for h in reversed(self.history) if "loss" in h), {})
         summary = " ".join(f"{k}={v:.4g}" for k, v in final.items())
-        distributed.print0(f"[{self.name}] {self.step} steps in {wall:.0f}s, last loss {last.get('loss', float('nan')):.4g}"
+        loss = last.get("loss", float("nan"))
+        distributed.print0(f"[{self.name}] {self.step} steps in {wall:.0f}s, last loss {loss:.4g}"
               f"{'; val: ' + summary if summary else ''}{f'; best {self.best}' if self.best else ''}", flush=True)
         return metrics

@@ -109,7 +109,8 @@ class DistillBatch:
 
     ``z_prev`` is the state at step ``k_prev`` (k-1, or the nearest kept step below k in a subset
     store) and ``z_prev2`` at ``k_prev2`` (one further down; clamped at 0; ``z_prev2`` only when the
-    local term is on); ``k_prev``/``k_prev2`` None mean k-1 and k-2; ``anchor_u`` the uniform draws that place the anchor times in [eps, T];
+    local term is on); ``k_prev``/``k_prev2`` None mean k-1 and k-2; ``anchor_u`` the uniform draws
+    that place the anchor times in [eps, T];
     ``scale`` divides the distances (None: the mean square of this batch's z_K).
     """
 
@@ -169,7 +170,9 @@ class ConsistencyLoss(nn.Module):
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, student = self.config, self.student
-        scale = batch.scale if batch.scale is not None else float(mean_square(batch.z_star)) if cfg.normalize else 1.0
+        scale = batch.scale
+        if scale is None:
+            scale = float(mean_square(batch.z_star)) if cfg.normalize else 1.0
         k = batch.k.to(_device(batch.z_star))
         u = student.inject(batch.x)
         out, l_global = self.global_term(u, batch, k, scale)

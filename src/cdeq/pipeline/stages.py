@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from cdeq import distributed
-from cdeq.io import atomic_write_json, hash_artefacts, list_artefacts, load_checkpoint, save_checkpoint, verify_artefacts
+from cdeq.io import (atomic_write_json, hash_artefacts, list_artefacts, load_checkpoint, save_checkpoint,
+                     verify_artefacts)
 from cdeq.measure import git_commit
 from cdeq.pipeline.settings import STAGE_VERSION, PipelineConfig, distill_config
 from cdeq.state import to_device
