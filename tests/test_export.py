@@ -2,9 +2,12 @@
 that matches eager; and the student's fixed budget on the meta device (no host synchronisation)."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
+from cdeq import models
 from cdeq.consistency import ConsistencyDEQ
 from cdeq.state import as_tuple
 from conftest import ToyDEQ, ToyGraphDEQ, ToyTupleDEQ, count_layer_calls
@@ -74,3 +77,38 @@ def test_student_fixed_budget_runs_on_the_meta_device(family, structure):
     z = student.infer(x.to("meta"), nfe=4)
     assert all(p.device.type == "meta" for p in as_tuple(z)) and student.nfe == 4
     assert student.as_module(nfe=2)(x.to("meta")).device.type == "meta"
+
+
+def _ring(n: int) -> torch.Tensor:
+    i = torch.arange(n)
+    return torch.stack([torch.cat([i, i]), torch.cat([(i + 1) % n, (i - 1) % n])])
+
+
+MODELS = {  # tiny configs of cdeq.models; onnx: whether ONNX can hold the model
+    "ignn": (lambda: models.get("ignn", edge_index=_ring(10), num_nodes=10, in_features=5, num_classes=3, hidden=8),
+             lambda: torch.randn(1, 10, 5), False),  # the sparse CSR adjacency has no ONNX tensor type
+    "mdeq": (lambda: models.get("mdeq", channels=(8, 16), head_channels=(8, 16, 32), stem_stride=2),
+             lambda: torch.randn(2, 1, 16, 16), True),
+    "deq-transformer": (lambda: models.get("deq-transformer", vocab_size=50, d_model=16, n_heads=2, d_ff=32,
+                                           max_len=12), lambda: torch.randint(0, 50, (2, 12)), True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_model_families_export_and_match_eager(name):
+    make, example, onnx = MODELS[name]
+    torch.manual_seed(0)
+    x = example()
+    student = ConsistencyDEQ(make().eval(), example=x).eval()
+    module = student.as_module(nfe=3)
+    eager = module(x)
+    torch.testing.assert_close(torch.export.export(module, (x,)).module()(x), eager, rtol=1e-5, atol=1e-5)
+    if not onnx or importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+        return
+    import onnxruntime as ort
+
+    program = torch.onnx.export(module, (x,), dynamo=True, verbose=False, optimize=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), eager, rtol=1e-5, atol=1e-5)
