@@ -200,7 +200,7 @@ class ConsistencyDEQ(nn.Module):
         self.initialiser = (StateInitialiser(self.feature_dim, 0 if init == "linear" else init_hidden)
                             if init != "zeros" else None)
         self.nfe = 0  # network evaluations of the last infer/predict/rollout/solve
-        self.info: Optional[SolverInfo] = None  # per-sample NFE of the last infer(tol=...)
+        self.info: Optional[SolverInfo] = None  # per-sample NFE of the last infer, if it had a tol
         self._calls = 0
         self.fused = False  # no-grad inference through fused_inference_step (see :meth:`rollout`)
         if example is not None:
@@ -400,10 +400,12 @@ class ConsistencyDEQ(nn.Module):
         ``tol``: an adaptive budget of at most J evaluations. A sample stops at the first step that
         changes its state by at most ``tol`` relative (||z_{t_{j+1}} - z_{t_j}|| <= tol ||z_{t_{j+1}}||)
         and keeps that step's state; the batch stops once every sample has (one host read per step).
-        ``self.info`` (a :class:`cdeq.SolverInfo`) then gives each sample's NFE in ``steps``; the
-        batch still computes every step it runs, so ``self.nfe`` is the batch's evaluations."""
+        ``self.info`` (a :class:`cdeq.SolverInfo`; None after a fixed budget) then gives each
+        sample's NFE in ``steps``; the batch computes every step it runs, so ``self.nfe`` is the
+        batch's evaluations."""
         nfe = budget(nfe, steps, "ConsistencyDEQ.infer")
         if tol is None:
+            self.info = None
             return self.rollout(x, nfe, schedule)[-1]
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
             raise ValueError(f"tol: expected a finite relative change >= 0 (or None: a fixed budget), got {tol!r}")
