@@ -78,6 +78,8 @@ def test_solve_rejects_bad_budgets(distilled):
         student.solve(x, warm=0, seed_history=True)
     with pytest.raises(ValueError, match="unknown option"):
         student.solve(x, solver="broyden", seed_history=True)
+    with pytest.raises(TypeError, match="seed_history=True or history=..., not both"):
+        student.solve(x, seed_history=True, history=[])
 
 
 def test_adaptive_infer_freezes_each_sample_at_its_first_small_step(distilled):

@@ -449,6 +449,8 @@ class ConsistencyDEQ(nn.Module):
                              f"got {max_nfe!r}")
         if seed_history and warm == 0:
             raise ValueError("seed_history=True: needs warm >= 1 (the history is the student's steps)")
+        if seed_history and "history" in options:
+            raise TypeError("solve: pass seed_history=True or history=..., not both (both set Anderson's window)")
         u = self.teacher.inject(x)
         if warm == 0:
             z0 = self.teacher.init_state(u)
