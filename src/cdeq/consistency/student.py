@@ -15,8 +15,8 @@ injection is computed once per input and, like a DEQ's, is not counted.
 from __future__ import annotations
 
 import copy
-import math
 import functools
+import math
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
