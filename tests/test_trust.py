@@ -77,6 +77,20 @@ def test_a_damaged_artefact_is_named_and_its_stage_recomputed(tiny, tmp_path, ca
 
 
 @cora_present
+def test_a_damaged_best_checkpoint_retrains_the_teacher_to_the_same_weights(tiny, tmp_path, capsys):
+    config = copy_upstream(tiny, tmp_path / "run")
+    teacher_dir = next(p for p in (tmp_path / "run").iterdir() if p.name.startswith("teacher-"))
+    before = load_checkpoint(teacher_dir / "best.pt")["model"]
+    with open(teacher_dir / "best.pt", "r+b") as f:
+        f.truncate(300)
+    pipeline.Run(config).train_teacher()
+    assert "[teacher] damaged files" in capsys.readouterr().out
+    after = load_checkpoint(teacher_dir / "best.pt")["model"]
+    for name, value in before.items():
+        assert torch.equal(value, after[name]), name
+
+
+@cora_present
 def test_a_second_writer_fails_at_once_naming_the_holder(tiny, tmp_path, capsys):
     out = tmp_path / "busy"
     with RunLock(out):

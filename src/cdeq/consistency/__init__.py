@@ -2,6 +2,7 @@
 from cdeq.consistency.config import DirectConfig, DistillConfig, HyperDEQConfig
 from cdeq.consistency.distill import DistillLoop, distill
 from cdeq.consistency.evaluate import equilibrium_error, teacher_error
+from cdeq.consistency.export import FixedBudgetStudent
 from cdeq.consistency.losses import ConsistencyLoss, DistillBatch
 from cdeq.consistency.schedule import TimeSchedule
 from cdeq.consistency.sharded import ShardedTrajectories, open_trajectories
@@ -12,4 +13,4 @@ from cdeq.consistency.trajectories import Trajectories, module_hash, sample_traj
 __all__ = ["sample_trajectories", "Trajectories", "module_hash", "ConsistencyDEQ", "anderson_step", "TimeSchedule",
            "DistillConfig", "HyperDEQConfig", "DirectConfig", "ConsistencyLoss", "DistillBatch", "DistillLoop",
            "distill", "equilibrium_error", "teacher_error", "ShardedTrajectories", "open_trajectories",
-           "OnlineTeacher", "storage_table", "store_bytes", "subset_steps"]
+           "OnlineTeacher", "storage_table", "store_bytes", "subset_steps", "FixedBudgetStudent"]

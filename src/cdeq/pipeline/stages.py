@@ -51,7 +51,9 @@ class Stage:
 
     def intact(self) -> bool:
         """Whether every file the finished stage recorded still has its SHA-256; a damaged stage is
-        named and reopened so that it is computed again (its damaged checkpoints set aside)."""
+        named and reopened so that it is computed again: its checkpoints are all set aside (a
+        finished checkpoint would resume at the end and never rewrite a damaged ``best.pt``), while a
+        trajectory cache resamples only its damaged shards."""
         bad = verify_artefacts(self.dir, self.record().get("artefacts", {}))
         if not bad:
             return True
@@ -60,9 +62,8 @@ class Stage:
         distributed.barrier()
         if distributed.is_main():
             (self.dir / "done.json").unlink()
-            for name in bad:
-                if name.endswith(".pt") and (self.dir / name).exists():
-                    (self.dir / name).replace(self.dir / f"{name}.corrupt")
+            for path in self.dir.glob("*.pt"):
+                path.replace(path.with_name(f"{path.name}.corrupt"))
         distributed.barrier()
         return False
 
