@@ -14,7 +14,8 @@ from typing import Any
 
 from cdeq.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-METHODS = ("teacher-anderson", "teacher-fixed-point", "hyperdeq", "cdeq", "cdeq-plain", "direct", "explicit")
+METHODS = ("teacher-anderson", "teacher-fixed-point", "hyperdeq", "cdeq", "cdeq+anderson", "cdeq-plain", "direct",
+           "explicit")
 REQUIRED_KEYS = ("task", "command", "device", "commit", "seed", "teacher_converged", "metric", "rows")
 ROW_KEYS = ("method", "nfe", "value", "rel_residual", "time_ms", "params")
 

@@ -34,6 +34,19 @@ class TeacherSolver:
         return self.teacher.truncated_solve(x, nfe, self.solver, check_residual=False, **self.options)[0]
 
 
+class WarmStarted:
+    """C-DEQ as a warm start (``cdeq+anderson``): one student step, then the teacher's Anderson on the
+    teacher's f from the student's state for the rest of the budget (``ConsistencyDEQ.solve``)."""
+
+    def __init__(self, student: "ConsistencyDEQ", **options: Any) -> None:
+        self.student, self.options = student, options
+
+    def state(self, x: Any, nfe: int) -> State:
+        if nfe == 1:
+            return self.student.infer(x, nfe=1)
+        return self.student.solve(x, tol=0.0, max_nfe=nfe, warm=1, check_residual=False, **self.options)[0]
+
+
 class PerBudget:
     """One model per budget (the direct baseline is trained for its J): ``state(x, nfe)`` asks the one for ``nfe``."""
 

@@ -8,7 +8,8 @@ from typing import Any
 from cdeq import distributed
 from cdeq.lock import RunLock
 from cdeq.measure import LATENCY_RATIO, device_name
-from cdeq.pipeline.evaluate import PerBudget, TeacherSolver, converged_teacher, evaluate_grid, evaluate_method, latency
+from cdeq.pipeline.evaluate import (PerBudget, TeacherSolver, WarmStarted, converged_teacher, evaluate_grid,
+                                    evaluate_method, latency)
 from cdeq.pipeline.settings import PipelineConfig
 from cdeq.pipeline.stages import Run, param_count
 
@@ -51,12 +52,14 @@ def _run_pipeline(config: PipelineConfig, figures: bool) -> dict[str, Any]:
     distributed.print0("[evaluate] test split", flush=True)
     teacher, nfes = run.teacher(), list(s["nfe"])
     teacher_nfes = sorted(set(nfes) | set(s["teacher_nfe"]))
+    past = sorted(set(nfes) | set(s["extra_nfe"]))  # the learned methods past the budgets they trained for
     methods = {
         "teacher-anderson": (TeacherSolver(teacher, "anderson", m=s["anderson_m"]), teacher_nfes, param_count(teacher)),
         "teacher-fixed-point": (TeacherSolver(teacher, "fixed_point"), teacher_nfes, param_count(teacher)),
-        "hyperdeq": (hyper, nfes, param_count(hyper)),
-        "cdeq": (cdeq_student, nfes, trained(cdeq_student)),
-        "cdeq-plain": (plain_student, nfes, trained(plain_student)),
+        "hyperdeq": (hyper, past, param_count(hyper)),
+        "cdeq": (cdeq_student, past, trained(cdeq_student)),
+        "cdeq+anderson": (WarmStarted(cdeq_student, m=s["anderson_m"]), past, trained(cdeq_student)),
+        "cdeq-plain": (plain_student, past, trained(plain_student)),
         "direct": (PerBudget(directs), nfes, trained(directs[nfes[0]])),
     }
     rows = evaluate_grid(run, methods)

@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "hyper_steps": 1000, "direct_steps": 1000,
     "nfe": (1, 2, 4, 8),           # budgets of every method
     "teacher_nfe": (16, 32),       # extra budgets of the teacher rows
+    "extra_nfe": (12, 16),         # budgets past training for HyperDEQ, the students and cdeq+anderson
     "eval_batch_size": None,       # None: the task's batch size
     "eval_limit": None,            # test batches to evaluate (None: all)
     "time_repeats": 5,
@@ -47,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"teacher_preset": "tiny", "traj_steps": 6, "traj_batches": 2, "traj_batch_size": 8,
              "distill_steps": 6, "distill_batch_size": 4, "hyper_steps": 4, "direct_steps": 4,
-             "nfe": (1, 2), "teacher_nfe": (4,), "eval_limit": 2, "eval_batch_size": 8, "time_repeats": 1,
+             "nfe": (1, 2), "teacher_nfe": (4,), "extra_nfe": (), "eval_limit": 2, "eval_batch_size": 8, "time_repeats": 1,
              "fused_inference": False},
     "small": {"distill_steps": 300, "hyper_steps": 200, "direct_steps": 200},
     "cpu": {},
@@ -105,7 +106,7 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
         return None
     try:
         if isinstance(default, tuple):
-            return tuple(int(v) for v in text.split(","))
+            return tuple(int(v) for v in text.split(",") if v.strip())
         if isinstance(default, bool):
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(text)
@@ -145,7 +146,7 @@ def check_settings(s: dict[str, Any]) -> None:
             check_int(name, s[name], 1)
     if s["rollout_steps"] is not None:
         check_int("rollout_steps", s["rollout_steps"], 0)
-    for name in ("nfe", "teacher_nfe"):
+    for name in ("nfe", "teacher_nfe", "extra_nfe"):
         if not isinstance(s[name], (tuple, list)) or (name == "nfe" and not s[name]):
             raise ValueError(f"{name}: expected a{' non-empty' if name == 'nfe' else ''} tuple of ints >= 1, "
                              f"got {s[name]!r}")
