@@ -17,7 +17,6 @@ from cdeq.consistency.losses import relative_error
 from cdeq.consistency.schedule import TimeSchedule
 from cdeq.consistency.student import ConsistencyDEQ, anderson_step, batch_dot, batch_sq_norm
 from cdeq.consistency.trajectories import sample_trajectories
-from cdeq.models.protocol import DEQModel
 from cdeq.state import as_tuple
 from conftest import ToyDEQ, ToyGraphDEQ, ToyTupleDEQ, count_layer_calls, toy_batches, toy_trajectories
 

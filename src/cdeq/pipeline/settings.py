@@ -76,6 +76,11 @@ TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
                   "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": 40,
                           "lambda_task": 0.0},
                   "gpu": {"traj_batches": 400, "distill_batch_size": 64}},
+    # eval_limit None: perplexity on the whole test split, the benchmark's convention (issue 17)
+    "wikitext-2": {"*": {"traj_batches": 64, "distill_batch_size": 16},
+                   "cpu": {"distill_steps": 500, "hyper_steps": 300, "direct_steps": 200, "eval_limit": None,
+                           "lambda_task": 0.0},
+                   "gpu": {"traj_batches": 400, "distill_batch_size": 64}},
 }
 
 

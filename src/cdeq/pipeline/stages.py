@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -18,9 +18,6 @@ from cdeq.measure import git_commit
 from cdeq.pipeline.settings import STAGE_VERSION, PipelineConfig, distill_config
 from cdeq.state import to_device
 from cdeq.training import BEST, CHECKPOINT, METRICS
-
-if TYPE_CHECKING:
-    from cdeq.consistency import ConsistencyDEQ
 
 
 def _key(payload: Any) -> str:
@@ -115,7 +112,7 @@ class Run:
         self.s = config.settings
         self.device = torch.device(config.device)
         self.run_dir = Path(config.out)
-        self.task = tasks.get(config.task)
+        self.task = tasks.get(config.task, preset=self.s["teacher_preset"])  # its batches follow the teacher's recipe
         torch.manual_seed(config.seed)
         base = {"task": config.task, "seed": config.seed}
         self.stages: dict[str, Stage] = {}

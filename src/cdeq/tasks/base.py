@@ -114,19 +114,21 @@ class Task:
         r, w = distributed.rank(), distributed.world_size()
         with torch.no_grad():
             for i, (x, y) in enumerate(self.batches(split, batch_size=batch_size, limit=limit, **options)):
-                if i % w != r:
-                    continue
-                logits = predict(x).to(y.device)
-                keep = y != IGNORE
-                total += int(keep.sum())
-                if self.metric == "accuracy":
-                    hits += int((logits.argmax(-1) == y)[keep].sum())
-                else:
-                    nll += float(F.cross_entropy(logits[keep].float(), y[keep], reduction="sum"))
+                if i % w == r:
+                    count, right, loss = self.score(predict(x), y)
+                    total, hits, nll = total + count, hits + right, nll + loss
         total, hits, nll = distributed.sum_all([total, hits, nll])
         if total == 0:
             raise ValueError(f"split: {split!r} has no labelled targets")
+        self.last_targets = int(total)
         return hits / total if self.metric == "accuracy" else math.exp(nll / total)
+
+    def score(self, output: Tensor, y: Tensor) -> tuple[int, int, float]:
+        """One batch's (labelled targets, correct answers, summed NLL) from ``predict``'s logits."""
+        logits, keep = output.to(y.device), y != IGNORE
+        if self.metric == "accuracy":
+            return int(keep.sum()), int((logits.argmax(-1) == y)[keep].sum()), 0.0
+        return int(keep.sum()), 0, float(F.cross_entropy(logits[keep].float(), y[keep], reduction="sum"))
 
     @property
     def higher_is_better(self) -> bool:
@@ -142,7 +144,7 @@ class Task:
         reset_norm(model)
         u = model.inject(x)
         z, info = model.deq(lambda s: model.layer(s, u), model.init_state(u))
-        loss = self.loss(model.readout(z), y)
+        loss = self.readout_loss(model, z, y)
         logs = {"nfe": float(info.nfe), "rel_residual": float(info.rel_residual.float().mean())}
         jac_weight = float(recipe.get("jac_weight", 0.0))
         if jac_weight > 0:
@@ -154,6 +156,11 @@ class Task:
             loss = loss + jac_weight * penalty
             logs["jac"] = float(penalty.detach())
         return loss, logs
+
+    def readout_loss(self, model: DEQModel, z: Any, y: Tensor) -> Tensor:
+        """The task loss of the teacher's readout at the state ``z`` (a task with a cheaper loss than
+        that of the readout's logits overrides it)."""
+        return self.loss(model.readout(z), y)
 
     def explicit_step(self, model: nn.Module, batch: Batch, recipe: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """The explicit baseline's training loss on ``batch``."""

@@ -30,13 +30,8 @@ from cdeq.tasks.text import TextTask
 _CUTOFFS = list(WIKITEXT2_CUTOFFS)
 _DEQ = {"f_solver": "anderson", "f_max_iter": 30, "f_tol": 1e-3, "eval_max_iter": 30,
         "backward": "phantom", "phantom_steps": 3, "tau": 0.8}
-# cpu: the Gutenberg cpu model with the adaptive softmax, 2500 steps (1.2 epochs). Measured with
-# `python -m cdeq.tasks.train wikitext-2 DIR --preset cpu --threads 1` on the 2-core machine under
-# load from other work (commit d51a69d, seed 0): teacher 1745 s of training (0.70 s a step, NFE 9 ->
-# 17) and 35 minutes with the whole-test-split evaluation, test perplexity 185.8; the explicit
-# model 291 s of training, 179.9.
-# tiny: max_len 64 because `cdeq run` builds the task with its default (cpu) preset, so the trajectory
-# and evaluation batches are the cpu recipe's 64-token segments.
+# cpu: the Gutenberg cpu model with the adaptive softmax, 2500 steps (1.2 epochs), sized to train in
+# under an hour on one thread (docs/decisions.md has the measured run).
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"teacher": {"d_model": 16, "n_heads": 2, "d_ff": 32, "max_len": 64, "cutoffs": _CUTOFFS},
              "deq": {**_DEQ, "f_max_iter": 4, "eval_max_iter": 4, "phantom_steps": 1},
@@ -108,46 +103,28 @@ class WikiTextTask(TextTask):
     def evaluate(self, predict: Callable[[Any], Tensor], split: str = "test", batch_size: Optional[int] = None,
                  limit: Optional[int] = None, **options: Any) -> float:
         """Perplexity of ``predict(x) -> (B, L, V)`` log-probabilities (what the models' readout
-        gives) on ``split``: the targets' log-probabilities are read off, never renormalised,
-        since the full-vocabulary tensor is what costs here. The target count and the segment
-        convention go to ``self.last_evaluation``."""
-        total, nll = 0, 0.0
-        with torch.no_grad():
-            for x, y in self.batches(split, batch_size=batch_size, limit=limit, **options):
-                log_probs = predict(x).to(y.device)
-                keep = y != IGNORE
-                picked = log_probs.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                total, nll = total + int(keep.sum()), nll - float(picked[keep].double().sum())
-        if total == 0:
-            raise ValueError(f"split: {split!r} has no targets")
+        gives) on ``split`` (:meth:`score`); the target count and the segment convention go to
+        ``self.last_evaluation``."""
+        value = super().evaluate(predict, split, batch_size, limit, **options)
         seq_len = options.get("seq_len") or self.recipe()["seq_len"]
-        value = math.exp(nll / total)
         self.last_evaluation = {
-            "split": split, "perplexity": value, "targets": total, "seq_len": seq_len,
-            "whole_split": total == len(self.streams[split]) - 1,
+            "split": split, "perplexity": value, "targets": self.last_targets, "seq_len": seq_len,
+            "whole_split": self.last_targets == len(self.streams[split]) - 1,
             "convention": f"non-overlapping segments of {seq_len} tokens, every target predicted once, "
                           f"no memory across segments",
         }
         return value
 
-    def teacher_step(self, model: DEQTransformer, batch: Batch, recipe: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """The Gutenberg teacher's step (fixed point, Jacobian penalty) with the adaptive softmax's
-        own loss in place of the loss of the full log-probabilities."""
-        from cdeq.norm import reset_norm
-        from cdeq.regularize import jacobian_penalty
+    def score(self, output: Tensor, y: Tensor) -> tuple[int, int, float]:
+        """The targets' log-probabilities read off, never renormalised, since the full-vocabulary
+        tensor is what costs here."""
+        log_probs, keep = output.to(y.device), y != IGNORE
+        picked = log_probs.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return int(keep.sum()), 0, -float(picked[keep].double().sum())
 
-        x, y = batch
-        reset_norm(model)
-        u = model.inject(x)
-        z, info = model.deq(lambda s: model.layer(s, u), model.init_state(u))
-        loss = model.lm_loss(z, y)
-        logs = {"nfe": float(info.nfe), "rel_residual": float(info.rel_residual.float().mean())}
-        jac_weight = float(recipe.get("jac_weight", 0.0))
-        if jac_weight > 0:
-            z_star = z.detach().requires_grad_()
-            penalty = jacobian_penalty(model.layer(z_star, u), z_star)
-            loss, logs["jac"] = loss + jac_weight * penalty, float(penalty.detach())
-        return loss, logs
+    def readout_loss(self, model: DEQTransformer, z: Tensor, y: Tensor) -> Tensor:
+        """The adaptive softmax's own loss, in place of the loss of the full log-probabilities."""
+        return model.lm_loss(z, y)
 
     def explicit_step(self, model: nn.Module, batch: Batch, recipe: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """The explicit baseline's adaptive-softmax loss on ``batch``."""

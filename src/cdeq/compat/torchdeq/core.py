@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cdeq.backward import implicit_backward, phantom_steps
 from cdeq.compat.torchdeq import solver as _solver

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import Tensor
 
 from cdeq.regularize import fixed_point_correction, jacobian_penalty, jacobian_power_method
