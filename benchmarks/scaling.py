@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK, K, BATCH, SAMPLE_BATCHES, STEPS, WARMUP = "mnist", 10, 32, 8, 12, 2
+TASK, K, SAMPLE_BATCHES, STEPS, WARMUP = "mnist", 10, 8, 12, 2
+BATCH = int(os.environ.get("CDEQ_BENCH_BATCH", "32"))  # the global batch (the mnist cpu preset distils with 32)
 
 
 def teacher_and_batches(n: int):
@@ -152,11 +153,14 @@ def markdown(meta: dict, rows: list[dict], stores: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=BATCH, help="global batch of sampling and distillation")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "scaling-cpu"))
     args = parser.parse_args()
     if args.worker:
         return worker(Path(args.worker))
+    os.environ["CDEQ_BENCH_BATCH"] = str(args.batch)  # the torchrun workers read it
+    globals()["BATCH"] = args.batch
     from cdeq.io import atomic_write_json, atomic_write_text
     from cdeq.measure import device_name, git_commit
 

@@ -18,7 +18,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("task", choices=NAMES, help="the real task to run")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                        help="size of every stage: tiny (a smoke test), small (Cora: about 4 min on 2 idle CPU cores), "
+                        help="size of every stage: tiny (a smoke test), small (Cora: about 9 min on 2 CPU cores), "
                              "cpu (under an hour on 2 CPU cores), gpu")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)

@@ -320,7 +320,7 @@ class TrainLoop:
                 if self.evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
                         and self.step < self.cfg.steps:
                     self.validate()
-                stopping = any(distributed.gather(stop.is_set()))  # every rank stops at the same step
+                stopping = distributed.sum_all([stop.is_set()])[0] > 0  # every rank stops at the same step
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or stopping:
                     self.save(started)
                 if stopping:

@@ -281,7 +281,8 @@ def download(url: str, chunk: int = 1 << 20) -> bytes:
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
             buf = io.BytesIO()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], leave=False) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], leave=False,
+                      disable=None) as bar:  # a bar only on a terminal
                 while block := response.read(chunk):
                     buf.write(block)
                     bar.update(len(block))
