@@ -39,7 +39,7 @@ def teacher_and_batches(n: int):
 def time_sampling(work: Path) -> float:
     """Items/s of sampling K Anderson steps, every rank its strided share of the batches."""
     from cdeq import distributed
-    from cdeq.consistency import sample_trajectories
+    from cdeq.consistency import Storage, sample_trajectories
     from cdeq.consistency.sharded import part_dir, write_parts
 
     teacher, batches = teacher_and_batches(SAMPLE_BATCHES)
@@ -47,7 +47,7 @@ def time_sampling(work: Path) -> float:
     distributed.barrier()
     t0 = time.perf_counter()
     sample_trajectories(teacher, (b for i, b in enumerate(batches) if i % world == rank), steps=K,
-                        cache_dir=part_dir(work / "traj", world, rank), dtype="float16")
+                        cache_dir=part_dir(work / "traj", world, rank), storage=Storage(dtype="float16"))
     distributed.barrier()
     seconds = time.perf_counter() - t0
     if world > 1 and distributed.is_main():
@@ -104,7 +104,7 @@ def ranks_section(worlds: list[int]) -> list[dict]:
 def stores_section(keep: int = 4) -> dict:
     """Sizes per strategy and task, and the step times of one process on MNIST for each store."""
     from cdeq import tasks
-    from cdeq.consistency import OnlineTeacher, sample_trajectories, storage_table
+    from cdeq.consistency import OnlineTeacher, Storage, sample_trajectories, storage_table
 
     sizes = {}
     for name, items in (("mnist", 60000), ("fashion-mnist", 60000), ("cora", 1)):
@@ -119,9 +119,9 @@ def stores_section(keep: int = 4) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="cdeq-stores-") as tmp:
         work = Path(tmp)
-        sample_trajectories(teacher, batches, steps=K, cache_dir=work / "traj", dtype="float16")
-        sample_trajectories(teacher, batches, steps=K, cache_dir=work / "traj-subset", dtype="float16",
-                            store="subset", keep=keep)
+        sample_trajectories(teacher, batches, steps=K, cache_dir=work / "traj", storage=Storage(dtype="float16"))
+        sample_trajectories(teacher, batches, steps=K, cache_dir=work / "traj-subset",
+                            storage=Storage("subset", keep, "float16"))
         step_ms = {store: 1e3 * BATCH / time_distillation(work, store) for store in ("full", "subset")}
     online = OnlineTeacher(teacher, steps=K, solver_options={"m": 5})
     x = batches[0][0]

@@ -13,15 +13,16 @@ from safetensors import safe_open
 from cdeq.consistency import trajectories as trajmod
 from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, OnlineTeacher, store_bytes,
                                     storage_table)
-from cdeq.consistency.trajectories import Trajectories, sample_trajectories, subset_steps
+from cdeq.consistency.trajectories import Storage, Trajectories, sample_trajectories, subset_steps
 from conftest import ToyDEQ, ToyTupleDEQ, count_layer_calls, toy_batches
 
 K = 10
 OPTIONS = {"m": 3}
 
 
-def _sample(teacher, batches, **kw):
-    return sample_trajectories(teacher, batches, steps=K, solver_options=OPTIONS, **kw)
+def _sample(teacher, batches, store="full", keep=None, dtype=None, amp=None, **kw):
+    return sample_trajectories(teacher, batches, steps=K, solver_options=OPTIONS,
+                               storage=Storage(store, keep, dtype, amp), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import cdeq
 from cdeq.consistency import trajectories as trajmod
-from cdeq.consistency.trajectories import Trajectories, module_hash, sample_trajectories
+from cdeq.consistency.trajectories import Storage, Trajectories, module_hash, sample_trajectories
 from cdeq.io import ArtefactWarning, CorruptArtefactError
 from conftest import ToyDEQ, ToyTupleDEQ, toy_batches
 
@@ -44,7 +44,7 @@ def test_round_trip_matches_the_solver(tmp_path):
 def test_half_precision_storage_and_tuple_states(tmp_path):
     teacher = ToyTupleDEQ()
     batches = [torch.randn(10, 6), torch.randn(10, 6)]  # inputs without labels
-    traj = sample_trajectories(teacher, batches, steps=4, dtype="bfloat16", cache_dir=tmp_path)
+    traj = sample_trajectories(teacher, batches, steps=4, storage=Storage(dtype="bfloat16"), cache_dir=tmp_path)
     ref = sample_trajectories(teacher, batches, steps=4)
     with safe_open(str(tmp_path / "shard-000000.safetensors"), "pt") as h:
         assert h.get_tensor("z.0").dtype == torch.bfloat16
@@ -96,7 +96,7 @@ def test_bad_arguments_name_the_argument(tmp_path):
     teacher = ToyDEQ()
     batches = toy_batches(teacher, n=16, batch=16)
     for kw, name in [(dict(steps=0), "steps"), (dict(steps=3, p_aug=1.5), "p_aug"), (dict(steps=3, z0="ones"), "z0"),
-                     (dict(steps=3, k_min=0), "k_min"), (dict(steps=3, dtype="int8"), "dtype")]:
+                     (dict(steps=3, k_min=0), "k_min"), (dict(steps=3, storage=Storage(dtype="int8")), "dtype")]:
         with pytest.raises(ValueError, match=name):
             sample_trajectories(teacher, batches, **kw)
     with pytest.raises(TypeError, match="inputs"):
@@ -228,7 +228,8 @@ def test_non_finite_inputs_or_states_stop_sampling_naming_the_batch(tmp_path):
             return 1e6 * super().layer(z / 1e6, u)
 
     with pytest.raises(ValueError, match=r"teacher: its states for batch 0 are not finite .*storage dtype"):
-        sample_trajectories(Overflowing(), batches, steps=3, dtype="float16", cache_dir=tmp_path / "half")
+        sample_trajectories(Overflowing(), batches, steps=3, storage=Storage(dtype="float16"),
+                            cache_dir=tmp_path / "half")
     assert not json.loads((tmp_path / "half" / "meta.json").read_text())["complete"]
 
 

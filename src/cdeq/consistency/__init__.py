@@ -8,9 +8,9 @@ from cdeq.consistency.schedule import TimeSchedule
 from cdeq.consistency.sharded import ShardedTrajectories, open_trajectories
 from cdeq.consistency.store import OnlineTeacher, storage_table, store_bytes
 from cdeq.consistency.student import ConsistencyDEQ, anderson_step
-from cdeq.consistency.trajectories import Trajectories, module_hash, sample_trajectories, subset_steps
+from cdeq.consistency.trajectories import Storage, Trajectories, module_hash, sample_trajectories, subset_steps
 
 __all__ = ["sample_trajectories", "Trajectories", "module_hash", "ConsistencyDEQ", "anderson_step", "TimeSchedule",
            "DistillConfig", "HyperDEQConfig", "DirectConfig", "ConsistencyLoss", "DistillBatch", "DistillLoop",
            "distill", "equilibrium_error", "teacher_error", "ShardedTrajectories", "open_trajectories",
-           "OnlineTeacher", "storage_table", "store_bytes", "subset_steps", "FixedBudgetStudent"]
+           "OnlineTeacher", "storage_table", "store_bytes", "subset_steps", "FixedBudgetStudent", "Storage"]

@@ -26,6 +26,7 @@ states stop sampling with the batch named, so a cache never holds NaN targets.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import errno
 import hashlib
 import json
@@ -417,6 +418,20 @@ def _shard_damage(bad: list[int]) -> str:
             f"sample_trajectories with the same inputs and settings to sample the damaged shards again")
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How a cache stores the teacher's states: ``kind`` ``"full"`` (z_0..z_K) or ``"subset"`` (z_0,
+    z_K and ``keep`` steps drawn per item by :func:`subset_steps`; ``online`` needs no cache:
+    :class:`~cdeq.consistency.store.OnlineTeacher`), their ``dtype`` (None: the teacher's,
+    ``"float16"`` or ``"bfloat16"``), and ``amp`` (``"bf16"``: f under bf16 autocast while
+    sampling; the solver's small system stays float32)."""
+
+    kind: str = "full"
+    keep: Optional[int] = None
+    dtype: Any = None
+    amp: Optional[str] = None
+
+
 def sample_trajectories(
     teacher: nn.Module,
     inputs: Iterable[Any],
@@ -429,11 +444,8 @@ def sample_trajectories(
     k_min: int = 1,
     k_tail: int = 2,
     cache_dir: Optional[str | Path] = None,
-    dtype: Any = None,
     seed: int = 0,
-    store: str = "full",
-    keep: Optional[int] = None,
-    amp: Optional[str] = None,
+    storage: Optional[Storage] = None,
 ) -> Trajectories:
     """Run the teacher's solver for ``steps`` = K steps per input batch and cache z_0..z_K (Alg. 4).
 
@@ -450,16 +462,17 @@ def sample_trajectories(
         cache_dir: the cache folder; None uses a temporary folder removed with the returned object.
             A cache with the same settings and inputs is resumed or reused, any other is a
             ValueError; damaged shards are named (:class:`~cdeq.io.ArtefactWarning`) and resampled.
-        dtype: storage dtype of the states: None (the teacher's), "float16" or "bfloat16".
         seed: seeds the Gaussian z_0, the augmentation masks and a subset store's kept steps.
-        store, keep: ``"full"`` stores z_0..z_K; ``"subset"`` stores z_0, z_K and ``keep`` steps
-            drawn per item by :func:`subset_steps` (``online`` is :class:`~cdeq.consistency.store.OnlineTeacher`).
-        amp: ``"bf16"`` runs f under bf16 autocast (the solver's small system stays float32).
+        storage: what is stored and how (:class:`Storage`: full or subset, dtype, bf16 autocast).
 
     Prints the store's size (:func:`~cdeq.consistency.store.store_bytes`) before the first shard is
     sampled and raises OSError (ENOSPC) naming the bytes needed and free when it does not fit.
     Raises ValueError naming the batch when its inputs or the teacher's states are not finite.
     """
+    storage = Storage() if storage is None else storage
+    if not isinstance(storage, Storage):
+        raise TypeError(f"storage: expected a Storage, got {type(storage).__name__}")
+    store, keep, dtype, amp = storage.kind, storage.keep, storage.dtype, storage.amp
     _check_sampling_args(steps, z0, p_aug, k_min, k_tail, dtype)
     _check_store(store, steps, keep)
     _warn_if_shuffled(inputs)

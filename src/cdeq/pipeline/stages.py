@@ -226,6 +226,7 @@ class Run:
 
         def fn(d: Path) -> dict[str, Any]:
             from cdeq.consistency.sharded import part_dir, write_parts
+            from cdeq.consistency.trajectories import Storage
 
             world, rank = distributed.world_size(), distributed.rank()
             batches = self.task.batches("train", batch_size=self.s["traj_batch_size"], shuffle=True,
@@ -234,8 +235,9 @@ class Run:
             sample_trajectories(self.teacher(), mine, steps=self.s["traj_steps"], solver="anderson",
                                 solver_options={"m": self.s["anderson_m"]}, p_aug=self.s["p_aug"],
                                 cache_dir=part_dir(d / "cache", world, rank),
-                                dtype=getattr(torch, self.s["traj_dtype"]), seed=self.config.seed,
-                                store=self.s["traj_store"], keep=self.s["traj_keep"], amp=self.s["traj_amp"])
+                                seed=self.config.seed,
+                                storage=Storage(self.s["traj_store"], self.s["traj_keep"],
+                                                getattr(torch, self.s["traj_dtype"]), self.s["traj_amp"]))
             distributed.barrier()
             if world > 1 and distributed.is_main():
                 write_parts(d / "cache", world)

@@ -36,7 +36,7 @@ BUDGETS = (1, 2, 4, 8)
 TARGETS: dict[str, dict[str, Any]] = {
     "cora": {"accuracy": 0.80}, "citeseer": {"accuracy": 0.69},
     "fashion-mnist": {"accuracy": 0.90}, "mnist": {"accuracy": 0.99},
-    "gutenberg": {"perplexity_vs_explicit": 1.05},
+    "gutenberg": {"perplexity_vs_explicit": 1.05}, "wikitext-2": {"perplexity_vs_explicit": 1.05},
 }
 
 
