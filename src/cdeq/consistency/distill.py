@@ -22,6 +22,7 @@ from cdeq import distributed
 from cdeq.consistency.config import DistillConfig
 from cdeq.consistency.losses import ConsistencyLoss, DistillBatch, TaskLoss, mean_square
 from cdeq.consistency.sharded import ShardedTrajectories
+from cdeq.consistency.store import OnlineTeacher
 from cdeq.consistency.student import ConsistencyDEQ
 from cdeq.consistency.trajectories import Trajectories
 from cdeq.state import State, StateLayout, map_state, to_device
@@ -61,17 +62,23 @@ def trajectory_stream(draw: Callable[[torch.Generator], Any], seed: int) -> Batc
     return stream
 
 
-def draw_batch(trajectories: Trajectories, cfg: DistillConfig, gen: torch.Generator,
-               device: torch.device) -> DistillBatch:
+def draw_batch(trajectories: Trajectories, cfg: DistillConfig, gen: torch.Generator, device: torch.device,
+               online: Optional[OnlineTeacher] = None) -> DistillBatch:
     """Items, steps k ~ U{0..K} (U{1..K} without ``include_k0``) and the states the loss reads;
     from a ``subset`` store k is drawn among the kept steps, and the nearest kept steps below it
-    stand for k-1 and k-2 (:meth:`~cdeq.consistency.Trajectories.draw_steps`).
+    stand for k-1 and k-2 (:meth:`~cdeq.consistency.Trajectories.draw_steps`). With ``online`` the
+    states come from the teacher's own solve of the batch (the store then holds inputs and z_K
+    only), and k is drawn as from a full store, so the same seed draws the same k.
 
     Every rank draws the same global batch and keeps its strided share of the rows; the distances'
     scale (the mean square of z_K) is that of the global batch, so it is the same on every rank."""
     shard, global_rows = trajectories.sample(cfg.batch_size, gen)
     K = trajectories.steps
-    k, k_prev, k_prev2 = trajectories.draw_steps(shard, global_rows, gen, include_k0=cfg.include_k0)
+    if online is None:
+        k, k_prev, k_prev2 = trajectories.draw_steps(shard, global_rows, gen, include_k0=cfg.include_k0)
+    else:
+        k = torch.randint(0 if cfg.include_k0 else 1, K + 1, (len(global_rows),), generator=gen)
+        k_prev, k_prev2 = (k - 1).clamp_min(0), (k - 2).clamp_min(0)
     anchor_u = torch.rand(len(global_rows), generator=gen) if cfg.anchor_weight > 0 else None
     z_star = trajectories.states(shard, global_rows, K, augmented=False)
     scale = float(mean_square(z_star)) if cfg.normalize else 1.0
@@ -84,12 +91,15 @@ def draw_batch(trajectories: Trajectories, cfg: DistillConfig, gen: torch.Genera
     def read(ks: torch.Tensor) -> State:
         return to_device(trajectories.states(shard, rows, ks.tolist()), device)
 
-    y = trajectories.labels(shard, rows)
-    return DistillBatch(
-        x=to_device(trajectories.inputs(shard, rows), device), y=None if y is None else to_device(y, device), k=k,
-        k_prev=k_prev, k_prev2=k_prev2, z_k=read(k), z_prev=read(k_prev),
-        z_prev2=read(k_prev2) if cfg.lambda_global < 1.0 else None,
-        z_star=to_device(z_star, device), anchor_u=anchor_u, scale=scale)
+    x, y = to_device(trajectories.inputs(shard, rows), device), trajectories.labels(shard, rows)
+    if online is None:
+        z_k, z_prev = read(k), read(k_prev)
+        z_prev2 = read(k_prev2) if cfg.lambda_global < 1.0 else None
+    else:
+        z_k, z_prev, z_prev2, _ = (to_device(z, device) for z in online.states(x, k))
+    return DistillBatch(x=x, y=None if y is None else to_device(y, device), k=k, k_prev=k_prev, k_prev2=k_prev2,
+                        z_k=z_k, z_prev=z_prev, z_prev2=z_prev2, z_star=to_device(z_star, device), anchor_u=anchor_u,
+                        scale=scale)
 
 
 class DistillLoop(TrainLoop):
@@ -101,18 +111,23 @@ class DistillLoop(TrainLoop):
 
 def distill(student: ConsistencyDEQ, trajectories: Trajectories, config: DistillConfig = DistillConfig(), *,
             run_dir: Optional[str | Path] = None, device: Optional[str | torch.device] = None,
-            task_loss: Optional[TaskLoss] = None, progress: Optional[bool] = None) -> list[dict[str, Any]]:
+            task_loss: Optional[TaskLoss] = None, progress: Optional[bool] = None,
+            online: Optional[OnlineTeacher] = None) -> list[dict[str, Any]]:
     """Distil ``student`` on ``trajectories`` for ``config.steps`` steps; returns the training history.
 
     ``run_dir`` keeps the checkpoint (a rerun resumes it) and the metrics; ``task_loss(logits, y)``
-    defaults to cross-entropy ignoring -100.
+    defaults to cross-entropy ignoring -100; ``online`` (an :class:`OnlineTeacher` with the cache's
+    K) computes the teacher's states of each batch in the step, so the cache need hold only the
+    inputs and z_K (``Storage("subset", keep=0)``).
     """
     if not isinstance(student, ConsistencyDEQ):
         raise TypeError(f"student: expected a ConsistencyDEQ, got {type(student).__name__}")
     dev = prepare(student, trajectories, device)
     loss = ConsistencyLoss(student, config, task_loss)
     meta = {"teacher_hash": trajectories.meta["teacher_hash"], "student": student.describe()}
-    stream = trajectory_stream(lambda gen: draw_batch(trajectories, config, gen, dev), config.seed)
+    if online is not None and online.steps != trajectories.steps:
+        raise ValueError(f"online: the teacher solves {online.steps} steps, the cache's K is {trajectories.steps}")
+    stream = trajectory_stream(lambda gen: draw_batch(trajectories, config, gen, dev, online), config.seed)
     metrics = DistillLoop(loss, loss, stream, config, run_dir, name="distill", meta=meta, progress=progress).run()
     student.eval()
     return metrics["history"]

@@ -20,7 +20,8 @@ DEFAULTS: dict[str, Any] = {
     "traj_batches": None,          # training batches to sample trajectories on (None: all)
     "traj_batch_size": None,       # None: the task's batch size
     "traj_dtype": "float16",       # storage dtype of the states
-    "traj_store": "full",          # "full": every state z_0..z_K; "subset": z_0, z_K and traj_keep steps per item
+    "traj_store": "full",          # "full": every state z_0..z_K; "subset": z_0, z_K and traj_keep steps per item;
+                                   # "online": inputs and z_K stored, the teacher solves each distillation batch
     "traj_keep": None,             # steps kept per item beside z_0 and z_K by the subset store
     "traj_amp": None,              # "bf16": the teacher's f under bfloat16 autocast while sampling
     "p_aug": 0.0,                  # Eq. 13 augmentation probability
@@ -135,7 +136,7 @@ def check_settings(s: dict[str, Any]) -> None:
     check_choice("teacher_preset", s["teacher_preset"], ("tiny", "cpu", "gpu"))
     check_choice("student_init", s["student_init"], INITS)
     check_choice("traj_dtype", s["traj_dtype"], [name for name in STORAGE_DTYPES if name is not None])
-    check_choice("traj_store", s["traj_store"], ("full", "subset"))
+    check_choice("traj_store", s["traj_store"], ("full", "subset", "online"))
     if (s["traj_store"] == "subset") != (s["traj_keep"] is not None):
         raise ValueError(f"traj_keep: the subset store needs it and the full store takes none "
                          f"(traj_store={s['traj_store']!r}, traj_keep={s['traj_keep']!r})")

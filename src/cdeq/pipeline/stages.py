@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -18,6 +18,9 @@ from cdeq.measure import git_commit
 from cdeq.pipeline.settings import STAGE_VERSION, PipelineConfig, distill_config
 from cdeq.state import to_device
 from cdeq.training import BEST, CHECKPOINT, METRICS
+
+if TYPE_CHECKING:
+    from cdeq.consistency import OnlineTeacher, Storage
 
 
 def _key(payload: Any) -> str:
@@ -190,6 +193,23 @@ class Run:
             self._trajectories = open_trajectories(self.traj_stage.dir / "cache", teacher=self.teacher())
         return self._trajectories
 
+    def storage(self) -> "Storage":
+        """How the trajectory stage stores the teacher's states (``online``: inputs and z_K only)."""
+        from cdeq.consistency.trajectories import Storage
+
+        online = self.s["traj_store"] == "online"
+        return Storage("subset" if online else self.s["traj_store"], 0 if online else self.s["traj_keep"],
+                       getattr(torch, self.s["traj_dtype"]), self.s["traj_amp"])
+
+    def online_teacher(self) -> Optional["OnlineTeacher"]:
+        """The teacher solving each distillation batch when ``traj_store`` is ``online``."""
+        from cdeq.consistency import OnlineTeacher
+
+        if self.s["traj_store"] != "online":
+            return None
+        return OnlineTeacher(self.teacher(), steps=self.s["traj_steps"], solver_options={"m": self.s["anderson_m"]},
+                             amp=self.s["traj_amp"])
+
     def timemap(self) -> dict[str, Any]:
         return {k: self.s[k] for k in ("gamma", "eps", "T", "rho", "beta")}
 
@@ -228,7 +248,6 @@ class Run:
 
         def fn(d: Path) -> dict[str, Any]:
             from cdeq.consistency.sharded import part_dir, write_parts
-            from cdeq.consistency.trajectories import Storage
 
             world, rank = distributed.world_size(), distributed.rank()
             batches = self.task.batches("train", batch_size=self.s["traj_batch_size"], shuffle=True,
@@ -238,8 +257,7 @@ class Run:
                                 solver_options={"m": self.s["anderson_m"]}, p_aug=self.s["p_aug"],
                                 cache_dir=part_dir(d / "cache", world, rank),
                                 seed=self.config.seed,
-                                storage=Storage(self.s["traj_store"], self.s["traj_keep"],
-                                                getattr(torch, self.s["traj_dtype"]), self.s["traj_amp"]))
+                                storage=self.storage())
             distributed.barrier()
             if world > 1 and distributed.is_main():
                 write_parts(d / "cache", world)
@@ -264,7 +282,7 @@ class Run:
         student = ConsistencyDEQ(teacher, structure=structure, **options).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
-            distill(student, self.trajectories(), config, run_dir=d, device=self.device)
+            distill(student, self.trajectories(), config, run_dir=d, device=self.device, online=self.online_teacher())
             save_model(d, student)
             err = equilibrium_error(student.state, self.trajectories(), (1, 2, 4), max_items=512, device=self.device)
             return {f"err@{k}": float(v) for k, v in err.items()}
