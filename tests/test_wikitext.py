@@ -182,3 +182,15 @@ def test_tiny_teacher_and_explicit_two_steps(task, tmp_path) -> None:
     assert loss.requires_grad and {"nfe", "rel_residual", "jac"} <= set(logs)
     explicit = task.train_explicit(tmp_path / "explicit", preset="tiny", progress=False)
     assert math.isfinite(explicit["test"]["perplexity"])
+
+
+def test_state_score_through_the_adaptive_loss_equals_the_full_log_probabilities(task) -> None:
+    """The evaluation's cheap path (the adaptive softmax's own loss) and the readout's full
+    log-probabilities give the same perplexity."""
+    torch.manual_seed(0)
+    teacher = task.build_teacher("tiny").eval()
+    states = lambda x: teacher.equilibrium(x)[0]  # noqa: E731
+    with torch.no_grad():
+        cheap = task.evaluate(states, "test", limit=2, score=lambda z, y: task.state_score(teacher, z, y))
+        full = task.evaluate(lambda x: teacher.readout(states(x)), "test", limit=2)
+    assert cheap == pytest.approx(full, rel=1e-5)

@@ -70,13 +70,16 @@ class DEQModel(nn.Module, metaclass=_DeclaresFeatureDim):
 
     def forward(self, x: Any, **deq_kwargs: Any):
         """Solve z* = layer(z*, inject(x)) with ``self.deq`` and return ``(readout(z*), info)``."""
+        z, info = self.equilibrium(x, **deq_kwargs)
+        return self.readout(z), info
+
+    def equilibrium(self, x: Any, **deq_kwargs: Any):
+        """``(z*, info)``: the fixed point of ``layer(., inject(x))`` found by ``self.deq``."""
         from cdeq.norm import reset_norm
 
         reset_norm(self)
         u = self.inject(x)
-        z0 = self.init_state(u)
-        z, info = self.deq(lambda z: self.layer(z, u), z0, **deq_kwargs)
-        return self.readout(z), info
+        return self.deq(lambda z: self.layer(z, u), self.init_state(u), **deq_kwargs)
 
     def truncated_solve(self, x: Any, nfe: Optional[int] = None, solver: str = "anderson",
                         check_residual: bool = True, *, k: Optional[int] = None, **options: Any):

@@ -72,16 +72,17 @@ def evaluate_method(run: "Run", name: str, method: Optional[Method], nfe: Option
     metric and the residual's mean are reduced exactly over ranks; the main rank alone times."""
     teacher, s, residuals = run.teacher(), run.s, []
 
-    def predict(x: Any) -> Tensor:
+    def predict(x: Any) -> Any:
         x = to_device(x, run.device)
         if method is None:
             return logits(x)
         z = method.state(x, nfe)
         residuals.append(rel_residual(teacher, x, z).float().cpu())
-        return teacher.readout(z)
+        return z
 
+    score = None if method is None else (lambda z, y: run.task.state_score(teacher, z, y))
     with torch.no_grad():
-        value = run.task.evaluate(predict, "test", batch_size=s["eval_batch_size"], limit=s["eval_limit"])
+        value = run.task.evaluate(predict, "test", batch_size=s["eval_batch_size"], limit=s["eval_limit"], score=score)
         ms = mem = None
         if distributed.is_main():
             x0, _ = next(iter(run.task.batches("test", batch_size=s["eval_batch_size"], limit=1)))
@@ -121,11 +122,12 @@ def converged_teacher(run: "Run") -> dict[str, Any]:
     """The teacher at its working tolerance: its metric and mean NFE."""
     teacher, nfes = run.teacher(), []
 
-    def predict(x: Any) -> Tensor:
-        logits, info = teacher(to_device(x, run.device))
+    def predict(x: Any) -> Any:
+        z, info = teacher.equilibrium(to_device(x, run.device))
         nfes.append(info.steps.float().cpu())
-        return logits
+        return z
 
     with torch.no_grad():
-        value = run.task.evaluate(predict, "test", batch_size=run.s["eval_batch_size"], limit=run.s["eval_limit"])
+        value = run.task.evaluate(predict, "test", batch_size=run.s["eval_batch_size"], limit=run.s["eval_limit"],
+                                  score=lambda z, y: run.task.state_score(teacher, z, y))
     return {"nfe": mean_over_ranks(nfes), "value": value}

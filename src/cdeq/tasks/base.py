@@ -104,10 +104,12 @@ class Task:
                              f"dimension), got {tuple(y.shape)}")
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE)
 
-    def evaluate(self, predict: Callable[[Any], Tensor], split: str = "test", batch_size: Optional[int] = None,
-                 limit: Optional[int] = None, **options: Any) -> float:
+    def evaluate(self, predict: Callable[[Any], Any], split: str = "test", batch_size: Optional[int] = None,
+                 limit: Optional[int] = None, score: Optional[Callable[[Any, Tensor], tuple[int, int, float]]] = None,
+                 **options: Any) -> float:
         """The metric of ``predict(x) -> logits`` on ``split``: accuracy in [0, 1] or perplexity.
-        ``limit`` caps the number of batches; ``options`` go to :meth:`batches`. With several ranks
+        ``limit`` caps the number of batches; ``score(output, y)`` (default :meth:`score`) turns
+        ``predict``'s output into (targets, hits, summed NLL); ``options`` go to :meth:`batches`. With several ranks
         each evaluates every world-th batch and the counts, hits and summed NLL are added over ranks
         (not a mean of means), so the figure is the one-process figure."""
         total, hits, nll = 0, 0, 0.0
@@ -115,7 +117,7 @@ class Task:
         with torch.no_grad():
             for i, (x, y) in enumerate(self.batches(split, batch_size=batch_size, limit=limit, **options)):
                 if i % w == r:
-                    count, right, loss = self.score(predict(x), y)
+                    count, right, loss = (score or self.score)(predict(x), y)
                     total, hits, nll = total + count, hits + right, nll + loss
         total, hits, nll = distributed.sum_all([total, hits, nll])
         if total == 0:
@@ -156,6 +158,11 @@ class Task:
             loss = loss + jac_weight * penalty
             logs["jac"] = float(penalty.detach())
         return loss, logs
+
+    def state_score(self, model: DEQModel, z: Any, y: Tensor) -> tuple[int, int, float]:
+        """:meth:`score` of the teacher's readout at the states ``z`` (a task whose readout costs more
+        than its loss overrides it)."""
+        return self.score(model.readout(z), y)
 
     def readout_loss(self, model: DEQModel, z: Any, y: Tensor) -> Tensor:
         """The task loss of the teacher's readout at the state ``z`` (a task with a cheaper loss than
