@@ -98,10 +98,15 @@ def broadcast(obj: T) -> T:
     return box[0]
 
 
+def local_positions(n: int) -> list[int]:
+    """This rank's strided share ``[rank, rank + world, ...]`` of the positions 0..n-1 of a global
+    batch: every rank draws the same global batch from the step's seeded generator and keeps its slice."""
+    return list(range(rank(), n, world_size()))
+
+
 def local_rows(rows: Sequence[int]) -> list[int]:
-    """This rank's strided share ``rows[rank::world]`` of a global batch's rows: every rank draws the
-    same global batch from the step's seeded generator and keeps its own slice."""
-    return list(rows[rank()::world_size()])
+    """The rows of a global batch at this rank's :func:`local_positions`."""
+    return [rows[i] for i in local_positions(len(rows))]
 
 
 def local_batch(x: Any, y: Any) -> tuple[Any, Any]:

@@ -82,8 +82,8 @@ def draw_batch(trajectories: Trajectories, cfg: DistillConfig, gen: torch.Genera
     anchor_u = torch.rand(len(global_rows), generator=gen) if cfg.anchor_weight > 0 else None
     z_star = trajectories.states(shard, global_rows, K, augmented=False)
     scale = float(mean_square(z_star)) if cfg.normalize else 1.0
-    mine = torch.arange(len(global_rows))[distributed.rank()::distributed.world_size()]
-    rows = [global_rows[i] for i in mine.tolist()]
+    mine = torch.tensor(distributed.local_positions(len(global_rows)), dtype=torch.long)
+    rows = distributed.local_rows(global_rows)
     if len(rows) < len(global_rows):
         k, k_prev, k_prev2, z_star = k[mine], k_prev[mine], k_prev2[mine], map_state(lambda p: p[mine], z_star)
         anchor_u = None if anchor_u is None else anchor_u[mine]

@@ -90,7 +90,7 @@ def evaluate_method(run: "Run", name: str, method: Optional[Method], nfe: Option
             call = (lambda: teacher.readout(method.state(x0, nfe))) if method is not None else (lambda: logits(x0))
             ms = time_ms(call, run.device, repeats=s["time_repeats"])
             mem = peak_memory_mb(call, run.device)
-    rel = mean_over_ranks(residuals) if method is not None else None
+    rel = pooled_mean(residuals) if method is not None else None
     shown = f"{value * 100:.2f}%" if run.task.metric == "accuracy" else f"ppl {value:.2f}"
     distributed.print0(f"  {name:<20} nfe {str(nfe):>4}  {shown:>10}  rel.res {rel if rel is None else f'{rel:.2e}'}  "
           f"{ms or 0.0:8.2f} ms", flush=True)
@@ -98,7 +98,7 @@ def evaluate_method(run: "Run", name: str, method: Optional[Method], nfe: Option
             "peak_mem_mb": mem}
 
 
-def mean_over_ranks(values: list[Tensor]) -> float:
+def pooled_mean(values: list[Tensor]) -> float:
     """The mean of every rank's values together (a sum and a count reduced, not a mean of means)."""
     mine = torch.cat(values).double() if values else torch.zeros(0, dtype=torch.float64)
     total, count = distributed.sum_all([float(mine.sum()), mine.numel()])
@@ -130,4 +130,4 @@ def converged_teacher(run: "Run") -> dict[str, Any]:
     with torch.no_grad():
         value = run.task.evaluate(predict, "test", batch_size=run.s["eval_batch_size"], limit=run.s["eval_limit"],
                                   score=lambda z, y: run.task.state_score(teacher, z, y))
-    return {"nfe": mean_over_ranks(nfes), "value": value}
+    return {"nfe": pooled_mean(nfes), "value": value}
