@@ -58,6 +58,14 @@ def test_tiny_pipeline_writes_the_binding_table(tiny_run):
     assert anderson[-1][1] < anderson[0][1]
     for name in ("table.md", "quality_vs_nfe.png", "residual_vs_nfe.png", "quality_vs_time.png", "anderson_ablation.png"):
         assert (out / name).stat().st_size > 0
+    # NFE to each tolerance, per-sample stopping: the teacher's Anderson and the warm-started solve.
+    to_tol = {(r["method"], r["tol"]): r for r in on_disk["to_tolerance"]}
+    assert set(to_tol) == {(m, t) for m in ("teacher-anderson", "cdeq+anderson") for t in (1e-3, 1e-5)}
+    for (method, _), r in to_tol.items():
+        assert 0.0 <= r["reached"] <= 1.0
+        assert (r["nfe"] is None) == (r["reached"] == 0.0)
+        assert r["nfe"] is None or (1 if method == "teacher-anderson" else 2) <= r["nfe"] <= 50
+    assert "Mean NFE per test sample to reach" in (out / "table.md").read_text()
 
 
 @cora_present
@@ -213,3 +221,18 @@ def test_stage_keys_hold_a_version_and_every_student_setting(tmp_path, monkeypat
     monkeypatch.setitem(settings.STAGE_VERSION, "student", settings.STAGE_VERSION["student"] + 1)
     assert pipeline.Stage(tmp_path, "cdeq", {"a": 1}, kind="student").key != stage.key
     assert run().student_options()["init"] == "linear"
+
+
+def test_amp_enters_the_stage_keys_only_when_set(tmp_path):
+    """Full-precision runs keep the keys they had before ``amp`` existed; bf16 gets its own stages."""
+    def run(**changes):
+        return pipeline.Run(pipeline.PipelineConfig(task="cora", out=str(tmp_path), settings=changes))
+
+    plain, mixed = run(), run(amp="bf16")
+    assert plain.teacher_stage.key != mixed.teacher_stage.key and plain.traj_stage.key != mixed.traj_stage.key
+    assert "amp" not in plain.teacher_stage.payload and mixed.teacher_stage.payload["amp"] == "bf16"
+    cfg = settings.distill_config(mixed.s, seed=0)
+    assert cfg.amp == "bf16" and mixed.config_key(cfg)["amp"] == "bf16"
+    assert "amp" not in plain.config_key(settings.distill_config(plain.s, seed=0))
+    with pytest.raises(ValueError, match="amp"):
+        run(amp="fp16")

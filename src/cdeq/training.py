@@ -40,6 +40,7 @@ from cdeq import distributed
 from cdeq.config import check_int, check_number
 from cdeq.io import (atomic_write_json, load_checkpoint, load_latest_checkpoint, random_state, restore_random_state,
                      save_checkpoint)
+from cdeq.precision import AMP_CHOICES, amp_layers
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -63,6 +64,9 @@ class OptimConfig:
         eval_every: steps between validation evaluations (0: only at the end).
         log_every: steps between history entries (running means of the loss terms).
         seed: seeds the global random stream (dropout) and the batch order.
+        amp: "bf16" runs the DEQ layers in the model under bf16 autocast in the training steps
+            (:mod:`cdeq.precision`: f alone; the solver, readout and losses stay float32; the
+            validation runs in full precision). None: full precision.
     """
 
     steps: int = 1000
@@ -75,8 +79,11 @@ class OptimConfig:
     eval_every: int = 0
     log_every: int = 10
     seed: int = 0
+    amp: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.amp is not None and self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp: expected None or one of {AMP_CHOICES}, got {self.amp!r}")
         for name in ("steps", "checkpoint_every", "log_every"):
             check_int(name, getattr(self, name), 1)
         for name in ("warmup", "eval_every", "seed"):
@@ -251,7 +258,8 @@ class TrainLoop:
         """One optimiser step on ``batch``; returns the logged numbers."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
-        loss, terms = self.step_module(batch)
+        with amp_layers(self.model, self.cfg.amp):
+            loss, terms = self.step_module(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.name}: non-finite loss {float(loss)} at step {self.step}; lower the lr")
         self.optimizer.zero_grad(set_to_none=True)

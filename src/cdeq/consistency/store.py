@@ -11,12 +11,12 @@ can be made before sampling; docs/storage.md has the table at the paper's scales
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from cdeq.precision import amp_layers, check_amp
 from cdeq.state import State, as_tuple, map_state
 
 STORES = ("full", "subset", "online")
@@ -112,37 +112,6 @@ def storage_table(state_shapes: Sequence[int] | Sequence[Sequence[int]], steps: 
     return "\n".join(lines)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether ``torch.autocast`` runs bfloat16 on this device (CPU always; CUDA from Ampere on)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
-
-
-def teacher_fn(model: nn.Module, u: Any, amp: Optional[str], device: torch.device):
-    """f(z) = layer(z, u), under bf16 autocast when ``amp="bf16"``; its output is cast back to the
-    state's dtype so that the solver's buffers and small system stay float32."""
-    if amp is None:
-        return lambda z: model.layer(z, u)
-
-    def f(z: State) -> State:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            out = model.layer(z, u)
-        return map_state(lambda o, s: o.to(s.dtype), out, z)
-    return f
-
-
-def check_amp(amp: Optional[str], device: torch.device) -> Optional[str]:
-    """``amp`` validated; "bf16" on a device without bf16 autocast warns and runs in full precision."""
-    if amp not in (None, "bf16"):
-        raise ValueError(f"amp: expected None or 'bf16', got {amp!r}")
-    if amp == "bf16" and not bf16_supported(device):
-        warnings.warn(f"amp: bf16 autocast is not supported on {device}; the teacher runs in full precision",
-                      UserWarning, stacklevel=3)
-        return None
-    return amp
-
-
 class OnlineTeacher:
     """The ``online`` strategy: the frozen teacher's solver runs inside the distillation step.
 
@@ -179,9 +148,9 @@ class OnlineTeacher:
             start = self.model.init_state(u) if z0 is None else map_state(lambda t: t.to(self.device), z0)
             if as_tuple(start)[0].shape[0] != len(ks):
                 raise ValueError(f"ks: expected one step per row ({as_tuple(start)[0].shape[0]}), got {len(ks)}")
-            _, info = solve(teacher_fn(self.model, u, self.amp, self.device), start, solver=self.solver,
-                            max_iter=K, tol=0.0, return_states=wanted, check_residual=False,
-                            **self.solver_options)
+            with amp_layers(self.model, self.amp):
+                _, info = solve(lambda z: self.model.layer(z, u), start, solver=self.solver, max_iter=K, tol=0.0,
+                                return_states=wanted, check_residual=False, **self.solver_options)
         column = {k: i for i, k in enumerate(wanted)}
 
         def pick(steps: Tensor) -> State:

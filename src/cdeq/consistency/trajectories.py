@@ -42,9 +42,10 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, check_amp, human_bytes,
-                                    kept_states, store_bytes, teacher_fn)
+from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, human_bytes,
+                                    kept_states, store_bytes)
 from cdeq.io import ArtefactWarning, CorruptArtefactError, atomic_write_bytes, atomic_write_json, sha256_file
+from cdeq.precision import amp_layers, check_amp
 from cdeq.state import State, StateLayout, as_tuple, map_state
 
 FORMAT_VERSION = 2  # 2: input keys and shard digests in the manifest
@@ -782,9 +783,9 @@ def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path
         if settings["z0"] == "gaussian":
             z0 = map_state(lambda p: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), z0)
         layout = StateLayout(z0, "teacher.init_state(u)")
-        f = teacher_fn(model, u, settings["amp"], device)
-        _, info = solve(f, z0, solver=settings["solver"], max_iter=steps, tol=0.0,
-                        return_states="all", trace=True, **settings["solver_options"])
+        with amp_layers(model, settings["amp"]):
+            _, info = solve(lambda z: model.layer(z, u), z0, solver=settings["solver"], max_iter=steps, tol=0.0,
+                            return_states="all", trace=True, **settings["solver_options"])
     B = layout.batch_size
     residual = torch.cat([info.trace, info.rel_residual.unsqueeze(0)], dim=0).t().float().cpu()
     kept = None

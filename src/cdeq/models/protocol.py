@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from cdeq.precision import autocast_layer
 from cdeq.state import State, map_state
 
 
@@ -48,9 +49,18 @@ class DEQModel(nn.Module, metaclass=_DeclaresFeatureDim):
 
     ``self.deq`` (a :class:`cdeq.DEQ`) solves for the fixed point in :meth:`forward`; set it with
     :meth:`set_deq` or in the constructor.
+
+    ``amp`` (None or "bf16", set for a block by :func:`cdeq.precision.amp_layers`): every subclass's
+    :meth:`layer` is wrapped so that it then runs under bf16 autocast and returns the state's dtype.
     """
 
     feature_dim: int
+    amp: Optional[str] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "layer" in cls.__dict__:
+            cls.layer = autocast_layer(cls.__dict__["layer"])
 
     def inject(self, x: Any) -> Any:
         raise NotImplementedError

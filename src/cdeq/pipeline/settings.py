@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Optional
 
 from cdeq.config import check_bool, check_choice, check_int, check_number
+from cdeq.precision import AMP_CHOICES
 
 if TYPE_CHECKING:
     from cdeq.consistency import DistillConfig
@@ -23,7 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "traj_store": "full",          # "full": every state z_0..z_K; "subset": z_0, z_K and traj_keep steps per item;
                                    # "online": inputs and z_K stored, the teacher solves each distillation batch
     "traj_keep": None,             # steps kept per item beside z_0 and z_K by the subset store
-    "traj_amp": None,              # "bf16": the teacher's f under bfloat16 autocast while sampling
+    "amp": None,                   # "bf16": f under bfloat16 autocast in teacher training, sampling, the online
+                                   # teacher and the training of the students and baselines (cdeq.precision)
     "p_aug": 0.0,                  # Eq. 13 augmentation probability
     "anderson_m": 5,               # the teacher's Anderson window (trajectories and teacher rows)
     "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
@@ -99,7 +101,7 @@ def distill_config(s: dict[str, Any], seed: int) -> "DistillConfig":
     return DistillConfig(steps=s["distill_steps"], lr=s["distill_lr"], batch_size=s["distill_batch_size"],
                          lambda_global=s["lambda_global"], lambda_task=s["lambda_task"], ema=s["ema"],
                          distance=s["distance"], rollout_steps=rollout, rollout_weight=s["rollout_weight"],
-                         anchor_weight=s["anchor_weight"], seed=seed)
+                         anchor_weight=s["anchor_weight"], seed=seed, amp=s["amp"])
 
 
 # Settings whose default is None but whose values are integers.
@@ -142,8 +144,8 @@ def check_settings(s: dict[str, Any]) -> None:
                          f"(traj_store={s['traj_store']!r}, traj_keep={s['traj_keep']!r})")
     if s["traj_keep"] is not None:
         check_int("traj_keep", s["traj_keep"], 0)
-    if s["traj_amp"] is not None:
-        check_choice("traj_amp", s["traj_amp"], ("bf16",))
+    if s["amp"] is not None:
+        check_choice("amp", s["amp"], AMP_CHOICES)
     for name in ("traj_steps", "anderson_m", "distill_steps", "distill_batch_size", "hyper_steps", "direct_steps",
                  "time_repeats"):
         check_int(name, s[name], 1)

@@ -122,13 +122,14 @@ class Run:
         base = {"task": config.task, "seed": config.seed}
         self.stages: dict[str, Stage] = {}
         self.teacher_stage = self.stage("teacher", {**base, "preset": self.s["teacher_preset"], "deq": config.deq,
-                                                             "from": self._source_hash("teacher_from")})
+                                                             "from": self._source_hash("teacher_from"),
+                                                             **self._amp_key()})
         self.explicit_stage = self.stage("explicit", {**base, "preset": self.s["teacher_preset"],
                                                                "from": self._source_hash("explicit_from"),
                                                                "steps": self.s["explicit_steps"]})
         traj_keys = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_aug", "anderson_m", "traj_store",
-                     "traj_keep", "traj_amp")
-        self.traj_stage = self.stage("trajectories", {"teacher": self.teacher_stage.key,
+                     "traj_keep")
+        self.traj_stage = self.stage("trajectories", {"teacher": self.teacher_stage.key, "traj_amp": self.s["amp"],
                                                                 **{k: self.s[k] for k in traj_keys}})
         self._teacher = None
         self._trajectories = None
@@ -138,6 +139,14 @@ class Run:
         stage = Stage(self.run_dir, name, payload, kind, commit=self.commit)
         self.stages[name] = stage
         return stage
+
+    def _amp_key(self) -> dict[str, Any]:
+        """``amp`` for a stage key, only when set: runs in full precision keep the keys they had."""
+        return {} if self.s["amp"] is None else {"amp": self.s["amp"]}
+
+    def config_key(self, config: Any) -> dict[str, Any]:
+        """A training config's fields for a stage key (``amp`` only when set, as in :meth:`_amp_key`)."""
+        return {k: v for k, v in dataclasses.asdict(config).items() if k != "amp"} | self._amp_key()
 
     def stage_commits(self) -> dict[str, str]:
         """The commit that computed each finished stage of this run (a reused stage may be older)."""
@@ -199,7 +208,7 @@ class Run:
 
         online = self.s["traj_store"] == "online"
         return Storage("subset" if online else self.s["traj_store"], 0 if online else self.s["traj_keep"],
-                       getattr(torch, self.s["traj_dtype"]), self.s["traj_amp"])
+                       getattr(torch, self.s["traj_dtype"]), self.s["amp"])
 
     def online_teacher(self) -> Optional["OnlineTeacher"]:
         """The teacher solving each distillation batch when ``traj_store`` is ``online``."""
@@ -208,7 +217,7 @@ class Run:
         if self.s["traj_store"] != "online":
             return None
         return OnlineTeacher(self.teacher(), steps=self.s["traj_steps"], solver_options={"m": self.s["anderson_m"]},
-                             amp=self.s["traj_amp"])
+                             amp=self.s["amp"])
 
     def timemap(self) -> dict[str, Any]:
         return {k: self.s[k] for k in ("gamma", "eps", "T", "rho", "beta")}
@@ -225,6 +234,8 @@ class Run:
                 self.task.load_teacher(d)  # a run of another task or kind is an error here
                 return summary
             overrides = {"deq": self.config.deq} if self.config.deq else {}
+            if self.s["amp"] is not None:
+                overrides["train"] = {"amp": self.s["amp"]}
             metrics = self.task.train_teacher(d, preset=self.s["teacher_preset"], seed=self.config.seed,
                                               device=str(self.device), **overrides)
             return {self.task.metric: metrics["test"][self.task.metric], "params": metrics.get("params", param_count(self.teacher()))}
@@ -276,7 +287,7 @@ class Run:
         options = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
         stage = self.stage(name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
                       {"trajectories": self.traj_stage.key, "structure": structure, **options,
-                       **dataclasses.asdict(config)}, kind="student")
+                       **self.config_key(config)}, kind="student")
         teacher = self.teacher()
         torch.manual_seed(self.config.seed)  # the stage's model does not depend on what ran before it
         student = ConsistencyDEQ(teacher, structure=structure, **options).to(self.device)
@@ -295,9 +306,9 @@ class Run:
         from cdeq.consistency import HyperDEQConfig
 
         config = HyperDEQConfig(steps=self.s["hyper_steps"], batch_size=self.s["distill_batch_size"],
-                                seed=self.config.seed)
+                                seed=self.config.seed, amp=self.s["amp"])
         stage = self.stage("hyperdeq", {"trajectories": self.traj_stage.key, "m": self.s["anderson_m"],
-                                                 **dataclasses.asdict(config)})
+                                                 **self.config_key(config)})
         teacher = self.teacher()
         torch.manual_seed(self.config.seed)
         hyper = HyperDEQ(teacher, m=self.s["anderson_m"]).to(self.device)
@@ -315,9 +326,9 @@ class Run:
         from cdeq.consistency import ConsistencyDEQ, DirectConfig
 
         config = DirectConfig(steps=self.s["direct_steps"], lr=self.s["distill_lr"], nfe=nfe,
-                              batch_size=self.s["distill_batch_size"], seed=self.config.seed)
+                              batch_size=self.s["distill_batch_size"], seed=self.config.seed, amp=self.s["amp"])
         stage = self.stage(f"direct-J{nfe}", {"trajectories": self.traj_stage.key, **self.student_options(),
-                                                       **dataclasses.asdict(config)}, kind="direct")
+                                                       **self.config_key(config)}, kind="direct")
         teacher = self.teacher()
         torch.manual_seed(self.config.seed)
         model = ConsistencyDEQ(teacher, structure="anderson", **self.student_options()).to(self.device)

@@ -7,6 +7,7 @@ solver under ``torch.no_grad()`` and measures the residual of the state it retur
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from cdeq.config import SOLVER_ALIASES
+from cdeq.precision import caller_autocast, solver_ops
 from cdeq.state import State, StateLayout, as_tuple, batch_norm2
 
 FlatFn = Callable[[Tensor], Tensor]
@@ -137,17 +139,20 @@ def _check_arguments(solver: str, max_iter: int, tol: float, stop_mode: str, ret
 
 
 class _CountedF:
-    """``f`` on flat states: counts calls and checks the first output against ``z0``'s layout."""
+    """``f`` on flat states: counts calls, checks the first output against ``z0``'s layout, and
+    runs under the solve's caller's autocast setting (``autocast``), its output in z's dtype."""
 
-    def __init__(self, f: Callable[[State], State], layout: StateLayout) -> None:
-        self.f, self.layout, self.calls = f, layout, 0
+    def __init__(self, f: Callable[[State], State], layout: StateLayout,
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.f, self.layout, self.autocast, self.calls = f, layout, autocast, 0
 
     def __call__(self, z: Tensor) -> Tensor:
-        out = self.f(self.layout.unflatten(z))
+        with self.autocast():
+            out = self.f(self.layout.unflatten(z))
         if self.calls == 0:
             self.layout.check(out, "f(z)")
         self.calls += 1
-        return self.layout.flatten(out)
+        return self.layout.flatten(out).to(z.dtype)
 
 def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", max_iter: int = 50,
           tol: float = 1e-4, stop_mode: str = "rel", return_states: ReturnStates = None,
@@ -189,12 +194,14 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
     layout = StateLayout(z0, "z0")
     if options.get(HISTORY) is not None:
         options[HISTORY] = _flat_history(options[HISTORY], layout)
-    host_checks = _host_checks(host_checks, tol, check_residual, as_tuple(z0)[0].device)
-    with torch.no_grad():
+    device = as_tuple(z0)[0].device
+    host_checks = _host_checks(host_checks, tol, check_residual, device)
+    f_autocast = caller_autocast(device)
+    with torch.no_grad(), solver_ops(device):  # Anderson's small system stays in the states' dtype
         z0_flat = layout.flatten(z0)
         if host_checks:
             _finite(z0_flat)
-        f_flat = _CountedF(f, layout)
+        f_flat = _CountedF(f, layout, f_autocast)
         z, info = fn(f_flat, z0_flat, max_iter=max_iter, tol=float(tol), stop_mode=stop_mode,
                      return_states=return_states, trace=trace, **options)
         info.nfe = f_flat.calls
