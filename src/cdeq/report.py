@@ -76,6 +76,12 @@ def markdown_table(table: dict[str, Any]) -> str:
     elif table.get("bare_layer_time_ms"):  # tables written before the interleaved measurement
         lines += ["", "Time of the injection, k bare teacher-layer calls and the readout (same batch): "
                   + ", ".join(f"k={k}: {v:.2f} ms" for k, v in table["bare_layer_time_ms"].items()) + "."]
+    if table.get("to_tolerance"):
+        lines += ["", "Mean NFE per test sample to reach a relative residual under the teacher's f, each "
+                  "sample stopped on its own (the student's step included; mean over the samples that reached "
+                  "it within 50 calls):", "", "| Method | tol | NFE | reached |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['method']} | {r['tol']:.0e} | {_fmt(r['nfe'], '.2f')} | {r['reached'] * 100:.1f}% |"
+                  for r in table["to_tolerance"]]
     lines += ["", f"Command: `{table['command']}`", ""]
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@ loop measures each at each budget on the test split: the metric, the relative re
 states under the teacher's f, the time per batch and the peak memory."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 import torch
@@ -116,6 +117,38 @@ def latency(run: "Run", student: "ConsistencyDEQ", budgets: list[int]) -> dict[s
     x0, _ = next(iter(run.task.batches("test", batch_size=run.s["eval_batch_size"], limit=1)))
     return student_latency(student, run.teacher(), to_device(x0, run.device), budgets, run.device,
                            repeats=3 * run.s["time_repeats"])
+
+
+TOLERANCES = (1e-3, 1e-5)  # relative residuals of the NFE-to-tolerance table
+MAX_NFE = 50  # its solves' budget: a sample not there by then counts as not reached
+
+
+def nfe_to_tolerance(run: "Run", student: "ConsistencyDEQ", tols: tuple[float, ...] = TOLERANCES,
+                     max_nfe: int = MAX_NFE) -> list[dict[str, Any]]:
+    """Mean NFE per test sample to reach each relative residual ``tol`` under the teacher's f, each
+    sample stopped on its own: the teacher's Anderson from z_0 (``warm=0``) against ``cdeq+anderson``
+    (one student step, then the same Anderson; its step counted). The mean is over the samples that
+    reached ``tol`` within ``max_nfe`` calls; ``reached`` is their fraction."""
+    rows = []
+    for name, warm in (("teacher-anderson", 0), ("cdeq+anderson", 1)):
+        for tol in tols:
+            steps, met = [], []
+
+            def predict(x: Any) -> State:
+                z, info = student.solve(to_device(x, run.device), tol=tol, max_nfe=max_nfe, warm=warm,
+                                        m=run.s["anderson_m"])
+                steps.append(info.steps[info.converged].float().cpu())
+                met.append(info.converged.float().cpu())
+                return z
+
+            with torch.no_grad():
+                run.task.evaluate(predict, "test", batch_size=run.s["eval_batch_size"], limit=run.s["eval_limit"],
+                                  score=lambda z, y: run.task.state_score(run.teacher(), z, y))
+            nfe = pooled_mean(steps)
+            row = {"method": name, "tol": tol, "nfe": None if math.isnan(nfe) else nfe, "reached": pooled_mean(met)}
+            distributed.print0(f"  {name:<20} to {tol:.0e}: {nfe:.2f} NFE, reached {row['reached']:.1%}", flush=True)
+            rows.append(row)
+    return rows
 
 
 def converged_teacher(run: "Run") -> dict[str, Any]:

@@ -9,7 +9,7 @@ from cdeq import distributed
 from cdeq.lock import RunLock
 from cdeq.measure import LATENCY_RATIO, device_name
 from cdeq.pipeline.evaluate import (PerBudget, TeacherSolver, WarmStarted, converged_teacher, evaluate_grid,
-                                    evaluate_method, latency)
+                                    evaluate_method, latency, nfe_to_tolerance)
 from cdeq.pipeline.settings import PipelineConfig
 from cdeq.pipeline.stages import Run, param_count
 
@@ -72,6 +72,7 @@ def _run_pipeline(config: PipelineConfig, figures: bool) -> dict[str, Any]:
         "latency_ratio": LATENCY_RATIO,
         "stage_commits": run.stage_commits(),
         "rows": rows,
+        "to_tolerance": nfe_to_tolerance(run, cdeq_student),
     }
     if distributed.is_main():
         write_report(run.run_dir, table, figures=figures)
