@@ -53,6 +53,18 @@ class ToyDEQ(DEQModel):
         return torch.zeros_like(u)
 
 
+class AutocastSpyDEQ(ToyDEQ):
+    """ToyDEQ recording, per layer call, whether autocast was on and the dtype of its matmul."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen: list[tuple[bool, torch.dtype]] = []
+
+    def layer(self, z, u):
+        self.seen.append((torch.is_autocast_enabled("cpu"), (z @ self.W.t()).dtype))
+        return super().layer(z, u)
+
+
 class ToyTupleDEQ(DEQModel):
     """A two-part state (B, 3, 4) and (B, 5, 2), features on dim 1 (like MDEQ's branches)."""
 

@@ -1,30 +1,18 @@
-"""Mixed precision (issue 16): f under bf16 autocast, the solver's small system and the losses in float32."""
+"""Mixed precision (issue 16): f under bf16 autocast, the solver's small system and the losses in float32.
+The fixed point under bf16 and the bf16 trajectory store are tested in tests/test_store.py."""
 from __future__ import annotations
 
 import doctest
 
 import pytest
 import torch
-from conftest import ToyDEQ, toy_batches, toy_trajectories
+from conftest import AutocastSpyDEQ, ToyDEQ, toy_batches, toy_trajectories
 
 import cdeq
 import cdeq.precision
 from cdeq.consistency import ConsistencyDEQ, DistillConfig, OnlineTeacher, Storage, distill
 from cdeq.precision import amp_layers
 from cdeq.training import Objective, OptimConfig, TrainLoop, epoch_stream
-
-
-class SpyDEQ(ToyDEQ):
-    """ToyDEQ recording, per layer call, whether autocast was on and the dtype it returned."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.seen: list[tuple[bool, torch.dtype]] = []
-
-    def layer(self, z, u):
-        out = super().layer(z, u)
-        self.seen.append((torch.is_autocast_enabled("cpu"), (z @ self.W.t()).dtype))
-        return out
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,23 +23,10 @@ def test_the_module_example_runs():
     assert doctest.testmod(cdeq.precision, raise_on_error=True).attempted > 0
 
 
-def test_the_bf16_fixed_point_is_within_1e2_of_float32():
-    """A contractive layer, like a teacher trained with the Jacobian penalty (the trained WikiText-2
-    teacher: 2.4e-3, docs/storage.md). bf16's rounding leaves a residual floor near 2e-3."""
-    model = ToyDEQ(d=64, contraction=0.9).eval()
-    u = model.inject(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
-    with torch.no_grad():
-        exact, _ = cdeq.solve(lambda z: model.layer(z, u), model.init_state(u), max_iter=60, tol=1e-6)
-        with amp_layers(model, "bf16"):
-            mixed, info = cdeq.solve(lambda z: model.layer(z, u), model.init_state(u), max_iter=60, tol=1e-3)
-    assert mixed.dtype == torch.float32 and float(info.rel_residual.max()) < 1e-2
-    assert relative(mixed, exact) < 1e-2
-
-
 def test_the_anderson_system_stays_float32_under_any_autocast(monkeypatch):
     """Under amp_layers and under the caller's own autocast: f runs in bf16, every bmm and the
     bordered system of the solver in float32."""
-    model = SpyDEQ()
+    model = AutocastSpyDEQ()
     u = model.inject(torch.randn(8, 8))
     dtypes: list[torch.dtype] = []
     bmm, solve_ex = torch.bmm, torch.linalg.solve_ex
@@ -97,7 +72,7 @@ def test_amp_layers_restores_and_rejects_what_it_cannot_autocast():
 def test_training_steps_autocast_f_and_keep_the_loss_float32():
     """A teacher trained with OptimConfig(amp="bf16"): its layer ran in bf16, its loss is float32,
     validation ran in full precision, and the flag is off afterwards."""
-    teacher = SpyDEQ()
+    teacher = AutocastSpyDEQ()
     batches = toy_batches(ToyDEQ(), n=64, batch=16)
     losses: list[torch.dtype] = []
 
@@ -145,13 +120,3 @@ def test_distillation_under_bf16_stays_close_to_float32(online):
         for nfe in (1, 2):
             exact, mixed = (s.state(x, nfe) for s in students)
             assert relative(mixed, exact) < 1e-2
-
-
-def test_sampling_under_bf16_stores_states_close_to_float32():
-    teacher = ToyDEQ()
-    batches = toy_batches(teacher, n=64, batch=32)
-    exact = toy_trajectories(teacher, batches, steps=8, storage=Storage(dtype=torch.float32))
-    mixed = toy_trajectories(teacher, batches, steps=8, storage=Storage(dtype=torch.float32, amp="bf16"))
-    for shard in range(exact.num_shards):
-        a, b = exact.states(shard, None, 8), mixed.states(shard, None, 8)
-        assert b.dtype == torch.float32 and relative(b, a) < 1e-2
