@@ -5,7 +5,10 @@ mixing weights of Eq. 4 for a history of two) over the learnable map h(z_t, t, x
 (Eq. 8); ``structure="plain"`` is the ablation without AA, P = h. f' (injection and layer) is a
 copy of the teacher's, started from its weights (weight/spectral norm baked in), and W is a 1x1
 projection along the teacher's ``feature_dim``, one per state part, initialised to the identity on
-f' and zero on the time channel, so that h starts exactly as the teacher's f. The readout is the
+f' and zero on the time channel, so that h starts exactly as the teacher's f. W is a full
+``C x (C + 1)`` matrix (:class:`FullProjection`) or, with ``proj_rank=r``, the identity plus a rank-r
+map and the time column (:class:`LowRankProjection`): on a graph every node pays for W, and a full
+W costs about one more dense ``C x C`` product per node next to the layer's own. The readout is the
 teacher's, frozen.
 
 One network evaluation (NFE) is one call of h, that is one call of f'. Inference (Algorithm 1)
@@ -153,6 +156,69 @@ def fused_inference_step() -> Callable[..., tuple[State, Residual]]:
     return torch.compile(inference_step, dynamic=None)
 
 
+def time_shift(bias: Tensor, w_t: Tensor, t: TimeLike, like: Tensor) -> Tensor:
+    """b + t w_t: the time column of W [p || t] (Eq. 8) folded into a shift of the output, ``(C,)``
+    when t is one time for the batch (inference), else ``(B, C)``."""
+    tt = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return bias + (tt.reshape(-1, 1) if tt.dim() > 0 else tt) * w_t
+
+
+class FullProjection(nn.Linear):
+    """W of Eq. 8 as one ``C x (C + 1)`` matrix and a bias for a state part, started at [I | 0] (h = f)."""
+
+    def __init__(self, channels: int, feature_dim: int, like: Tensor) -> None:
+        super().__init__(channels + 1, channels, bias=True, device=like.device, dtype=like.dtype)
+        self.feature_dim = feature_dim
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, :channels].copy_(torch.eye(channels, dtype=like.dtype, device=like.device))
+            self.bias.zero_()
+
+    def forward(self, p: Tensor, t: TimeLike) -> Tensor:  # type: ignore[override]
+        """W [p || t] along ``feature_dim`` = W_p p + (b + t w_t): one dense product per position."""
+        c = p.shape[self.feature_dim]
+        return pointwise_linear(p, self.weight[:, :c], time_shift(self.bias, self.weight[:, c], t, p),
+                                self.feature_dim)
+
+
+class LowRankProjection(nn.Module):
+    """W of Eq. 8 as [I + up down | w_t] and a bias: W_p = I + up down of rank r (``down`` r x C,
+    ``up`` C x r), so W [p || t] = p + up (down p) + b + t w_t costs two products through r
+    channels instead of one ``C x C``. ``up``, ``w_t`` and b start at zero, so h starts as f;
+    ``down`` starts random (N(0, 1/r): one Adam step on ``up`` then moves W_p's entries about as
+    much as one on a full W's), or the gradient of ``up`` would be zero."""
+
+    def __init__(self, channels: int, rank: int, feature_dim: int, like: Tensor) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        kw = {"device": like.device, "dtype": like.dtype}
+        self.down = nn.Parameter(torch.randn(rank, channels, **kw) * rank ** -0.5)
+        self.up = nn.Parameter(torch.zeros(channels, rank, **kw))
+        self.time = nn.Parameter(torch.zeros(channels, **kw))
+        self.bias = nn.Parameter(torch.zeros(channels, **kw))
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"channels={self.bias.shape[0]}, rank={self.rank}"
+
+    def forward(self, p: Tensor, t: TimeLike) -> Tensor:
+        """p + up (down p) + b + t w_t along ``feature_dim``."""
+        shift = time_shift(self.bias, self.time, t, p)
+        if self.feature_dim % p.dim() != p.dim() - 1:  # channels first: pointwise_linear's batched products
+            return p + pointwise_linear(pointwise_linear(p, self.down, None, self.feature_dim), self.up, shift,
+                                        self.feature_dim)
+        flat = p.reshape(-1, p.shape[-1])
+        # down p as (r, positions) = down flat^T: for r << C, MKL's kernels are up to 2x faster that way round
+        low = torch.mm(self.down, flat.t()).t()
+        out = torch.addmm(flat, low, self.up.t()).reshape(p.shape)  # p + up (down p) in one product
+        if shift.dim() == 2:  # one time per sample: (B, C) along the first and the last dimension
+            shift = shift.reshape(shift.shape[0], *([1] * (p.dim() - 2)), shift.shape[1])
+        return out + shift
+
+
 class ConsistencyDEQ(nn.Module):
     """A C-DEQ student distilled from ``teacher`` (a :class:`~cdeq.models.DEQModel`).
 
@@ -168,13 +234,18 @@ class ConsistencyDEQ(nn.Module):
             z_0 = z_0 + net(u) of the injection (:mod:`cdeq.consistency.initialiser`), ``"linear"``
             (a 1x1 map) or ``"mlp"`` (``init_hidden`` wide); it starts at the teacher's z_0 and
             costs no network evaluation. Distillation then puts it in place of the cached z_0.
+        proj_rank: the form of W (Eq. 8): ``None`` a full ``C x (C + 1)`` matrix per state part
+            (the paper); an int r >= 1 (at most every part's C) the identity plus a rank-r map and
+            the time column (:class:`LowRankProjection`), cheaper where W is applied at many
+            positions (every node of a graph).
         example: an input x; builds W now. Without it W is built on the first call (``distill``
             and ``train_direct`` do so before making their optimiser) or by ``load_state_dict``.
     """
 
     def __init__(self, teacher: nn.Module, *, structure: str = "anderson", gamma: float = 1.0, eps: float = 0.01,
                  T: float = 1.0, rho: float = 0.25, beta: Optional[float] = None, beta_aa: float = 1.0,
-                 aa_lam: float = 1e-4, init: str = "zeros", init_hidden: int = 64, example: Any = None) -> None:
+                 aa_lam: float = 1e-4, init: str = "zeros", init_hidden: int = 64, proj_rank: Optional[int] = None,
+                 example: Any = None) -> None:
         super().__init__()
         from cdeq.norm import remove_norm, reset_norm
 
@@ -186,6 +257,8 @@ class ConsistencyDEQ(nn.Module):
             raise ValueError(f"aa_lam: expected a ridge >= 0, got {aa_lam}")
         if init not in INITS:
             raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+        if proj_rank is not None and (isinstance(proj_rank, bool) or not isinstance(proj_rank, int) or proj_rank < 1):
+            raise ValueError(f"proj_rank: expected None (a full W) or an int >= 1 (the rank of W_p - I), got {proj_rank!r}")
         for name in ("inject", "layer", "readout", "init_state"):
             if not callable(getattr(teacher, name, None)):
                 raise TypeError(f"teacher: expected a DEQModel with inject/layer/readout/init_state, missing {name}")
@@ -196,6 +269,7 @@ class ConsistencyDEQ(nn.Module):
         reset_norm(self.teacher)
         self.backbone = remove_norm(copy.deepcopy(teacher)).requires_grad_(True)
         self.proj = nn.ModuleList()
+        self.proj_rank = proj_rank
         self.init = init
         self.initialiser = (StateInitialiser(self.feature_dim, 0 if init == "linear" else init_hidden)
                             if init != "zeros" else None)
@@ -227,14 +301,16 @@ class ConsistencyDEQ(nn.Module):
         return chans
 
     def _build_channels(self, channels: Sequence[int], like: Tensor) -> None:
-        """Create W (Eq. 8), one ``C x (C + 1)`` projection per state part: [I | 0], no bias."""
-        for c in channels:
-            lin = nn.Linear(c + 1, c, bias=True, device=like.device, dtype=like.dtype)
-            with torch.no_grad():
-                lin.weight.zero_()
-                lin.weight[:, :c].copy_(torch.eye(c, dtype=like.dtype, device=like.device))
-                lin.bias.zero_()
-            self.proj.append(lin)
+        """Create W (Eq. 8), one projection per state part, started at [I | 0] with a zero bias:
+        :class:`FullProjection`, or :class:`LowRankProjection` of rank ``proj_rank``."""
+        for i, c in enumerate(channels):
+            if self.proj_rank is None:
+                self.proj.append(FullProjection(c, self.feature_dim, like))
+                continue
+            if self.proj_rank > c:
+                raise ValueError(f"proj_rank: expected at most the channels of every state part, got {self.proj_rank} "
+                                 f"for part {i} of {c} channels")
+            self.proj.append(LowRankProjection(c, self.proj_rank, self.feature_dim, like))
 
     def build(self, x: Any) -> None:
         """Create W from the teacher's state structure for input ``x`` (no-op once built)."""
@@ -249,11 +325,16 @@ class ConsistencyDEQ(nn.Module):
             self.initialiser.build(u, z0)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        """As ``nn.Module.load_state_dict``; builds W from the saved shapes if not built yet."""
+        """As ``nn.Module.load_state_dict``; builds W from the saved shapes if not built yet (a saved
+        W of another form than ``proj_rank`` is an error that names both)."""
         if not self.built:
-            n = sum(1 for k in state_dict if k.startswith("proj.") and k.endswith(".weight"))
+            n = sum(1 for k in state_dict if k.startswith("proj.") and k.endswith(".bias"))
+            saved = state_dict["proj.0.down"].shape[0] if "proj.0.down" in state_dict else None
+            if n and saved != self.proj_rank:
+                raise ValueError(f"load_state_dict: the saved W has proj_rank={saved}, this student proj_rank="
+                                 f"{self.proj_rank}; make the student with the saved proj_rank")
             like = next(self.backbone.parameters(), torch.zeros(()))
-            self._build_channels([state_dict[f"proj.{i}.weight"].shape[0] for i in range(n)], like)
+            self._build_channels([state_dict[f"proj.{i}.bias"].shape[0] for i in range(n)], like)
             if self.initialiser is not None:
                 self.initialiser.build_from_state_dict(state_dict, "initialiser.", like)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -280,16 +361,8 @@ class ConsistencyDEQ(nn.Module):
         """:meth:`h` without the check of ``t`` (a check is data-dependent: export cannot trace it)."""
         self._calls += 1
         out = as_tuple(self.backbone.layer(z, u))
-        parts = [self._project(p, lin, t) for p, lin in zip(out, self.proj)]
+        parts = [proj(p, t) for p, proj in zip(out, self.proj)]
         return tuple(parts) if isinstance(z, (tuple, list)) else parts[0]
-
-    def _project(self, p: Tensor, lin: nn.Linear, t: TimeLike) -> Tensor:
-        """W [p || t] along ``feature_dim``: W_p p + (b + t w_t), the time column folded into a
-        shift (``(C,)`` when t is one time for the batch, as in inference, else ``(B, C)``)."""
-        c = p.shape[self.feature_dim]
-        tt = torch.as_tensor(t, dtype=p.dtype, device=p.device)
-        shift = lin.bias + (tt.reshape(-1, 1) if tt.dim() > 0 else tt) * lin.weight[:, c]
-        return pointwise_linear(p, lin.weight[:, :c], shift, self.feature_dim)
 
     def g(self, z: State, t: TimeLike, hz: State, z_prev: Optional[State] = None,
           h_prev: Optional[State] = None, res: Optional[Residual] = None,
@@ -493,7 +566,7 @@ class ConsistencyDEQ(nn.Module):
     def describe(self) -> dict[str, Any]:
         """The settings that define this student (recorded with its checkpoints)."""
         return {"structure": self.structure, "init": self.init, "schedule": vars(self.schedule),
-                "beta_aa": self.beta_aa, "aa_lam": self.aa_lam}
+                "beta_aa": self.beta_aa, "aa_lam": self.aa_lam, "proj_rank": self.proj_rank}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters distillation trains: f' (injection and layer) and W."""

@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "gamma": 1.0, "eps": 0.01, "T": 1.0, "rho": 0.25, "beta": None,   # Eq. 5-6, B.3
     "student_init": "linear",      # where the students start: a learned z_0(u), "linear" or "mlp" (zero-initialised),
                                    # or "zeros", the teacher's z_0 as in the paper
+    "student_proj_rank": None,     # W of Eq. 8 in the students: None a full C x (C + 1) matrix (the paper), r the
+                                   # identity plus a rank-r map and the time column (cheaper on graphs)
     "distill_steps": 2000, "distill_batch_size": 64, "distill_lr": 1e-3,
     "lambda_global": 0.8, "lambda_task": 0.05, "ema": 0.999, "distance": "mse",
     "rollout_steps": None,         # self-rollout steps in distillation (None: the largest NFE evaluated,
@@ -105,7 +107,8 @@ def distill_config(s: dict[str, Any], seed: int) -> "DistillConfig":
 
 
 # Settings whose default is None but whose values are integers.
-_INT_SETTINGS = {"traj_keep", "traj_batches", "traj_batch_size", "eval_batch_size", "eval_limit", "rollout_steps", "explicit_steps"}
+_INT_SETTINGS = {"traj_keep", "traj_batches", "traj_batch_size", "eval_batch_size", "eval_limit", "rollout_steps", "explicit_steps",
+                 "student_proj_rank"}
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:

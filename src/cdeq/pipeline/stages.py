@@ -223,8 +223,10 @@ class Run:
         return {k: self.s[k] for k in ("gamma", "eps", "T", "rho", "beta")}
 
     def student_options(self) -> dict[str, Any]:
-        """ConsistencyDEQ options of the students and the direct baseline (also their stage keys)."""
-        return {**self.timemap(), "init": self.s["student_init"]}
+        """ConsistencyDEQ options of the students and the direct baseline (also their stage keys);
+        ``proj_rank`` only when set, so runs with the full W keep the keys they had."""
+        rank = self.s["student_proj_rank"]
+        return {**self.timemap(), "init": self.s["student_init"], **({} if rank is None else {"proj_rank": rank})}
 
     # -- stages ---------------------------------------------------------------------------------------
     def train_teacher(self) -> dict[str, Any]:
