@@ -6,15 +6,19 @@ after 1, 2, 4, ..., 32 calls of f; the NFE to reach 1e-3 and 1e-5; the time of a
 against the time of the f calls it made (solver overhead and per-step cost); for Anderson the
 memory-traffic floor of one step; and, with cdeq.DEQ, forward+backward time, peak memory and
 gradient error of each backward. Medians of repeats after warm-up, measured interleaved.
+``--sweep`` instead measures Anderson's per-step cost against TorchDEQ's over a grid of batch sizes,
+state sizes and thread counts, next to a real f (a transformer block's feed-forward half) and next
+to a cheap map.
 
     python benchmarks/solvers.py --preset cpu            # writes results/benchmarks/solvers-cpu.{json,md}
+    python benchmarks/solvers.py --sweep                 # writes results/benchmarks/solvers-sweep.{json,md}
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +29,7 @@ from torch import Tensor, nn
 
 import cdeq
 from cdeq.io import atomic_write_json, atomic_write_text
-from cdeq.measure import peak_memory_mb
+from cdeq.measure import device_name, git_commit, peak_memory_mb
 from cdeq.runtime import tune_cpu_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +38,14 @@ TOLS = (1e-3, 1e-5)
 SAME_TOL = 1e-7  # relative tolerance of the solve compared with the float64 fixed point (float32 resolution)
 SOLVERS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
 M = 5  # Anderson window for both libraries
+
+# The sweep: per-sample state sizes N (about 1e3 to 1e6), batch sizes, thread counts; points with
+# B N > SWEEP_CAP (8 MiB per float32 state, 80 MiB of Anderson history) are left out.
+SWEEP_BATCHES = (1, 16, 256)
+SWEEP_SIZES = (2 ** 10, 2 ** 13, 2 ** 17, 2 ** 20)
+SWEEP_THREADS = (1, 2)
+SWEEP_CAP = 2 ** 21
+TOKEN = 64  # token width of the sweep's f: a state of N elements is N / TOKEN tokens
 
 PRESETS = {
     "cpu": {"mlp": {"B": 64, "D": 512}, "conv": {"B": 16, "C": 32, "H": 16},
@@ -88,11 +100,27 @@ class TransformerBlock(nn.Module):
         return h + self.ffn(self.ln2(h))
 
 
+class TokenFFN(nn.Module):
+    """The feed-forward half of a pre-LayerNorm transformer block on tokens of width ``TOKEN``:
+    f(z) = u + W2 gelu(W1 LN(z)), hidden width 2 TOKEN. Its cost is linear in the state size, so one
+    f serves every shape of the sweep (attention's L^2 would swamp the long states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(TOKEN)
+        self.ffn = nn.Sequential(nn.Linear(TOKEN, 2 * TOKEN), nn.GELU(), nn.Linear(2 * TOKEN, TOKEN))
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        return u + self.ffn(self.ln(z))
+
+
 def build(name: str, size: dict, device: torch.device) -> tuple[nn.Module, Tensor, Tensor]:
     """The layer, its injection u and z0 = 0, deterministically."""
     torch.manual_seed(0)
     if name == "mlp":
         layer, shape = MLPLayer(size["D"]), (size["B"], size["D"])
+    elif name == "token_ffn":
+        layer, shape = TokenFFN(), (size["B"], size["N"] // TOKEN, TOKEN)
     elif name == "conv":
         layer, shape = ConvBlock(size["C"]), (size["B"], size["C"], size["H"], size["H"])
     else:
@@ -111,6 +139,22 @@ class Counted:
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
         return self.f(z)
+
+
+class TimedF(Counted):
+    """f that counts its calls and adds up their wall time (the device synchronised around each)."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor], device: torch.device) -> None:
+        super().__init__(f)
+        self.device, self.seconds = device, 0.0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = super().__call__(z)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def runner(lib: str, solver: str) -> Callable[[Callable, Tensor, int, float], Tensor]:
@@ -190,6 +234,7 @@ def solver_rows(name: str, f: Callable, z0: Tensor, z_star: Tensor, device: torc
         row["f_calls_in_solve32"] = calls[key]
         row["overhead"] = 1 - calls[key] * t_f / t
         row["per_step_ms"] = per_step_ms(times, key, calls[key])
+        row["per_step_in_solve_ms"] = in_solve_ms(times, key)
         # the same from the fastest repeats: far less sensitive to other processes' load
         row["per_step_ms_min"] = 1e3 * (min(times[key]) - calls[key] * min(times["f", key])) / 32
     # Solver-only cost: f replaced by a cheap map of the same shape (z/2 + c, a few microseconds per
@@ -208,9 +253,18 @@ def per_step_ms(times: dict, key: tuple, f_calls: int) -> float:
     return 1e3 * statistics.median((ts - f_calls * tf) / 32 for ts, tf in zip(times[key], times["f", key]))
 
 
+def in_solve_ms(times: dict, key: tuple) -> Optional[float]:
+    """(32-NFE solve time - its f calls timed inside it) / 32 in ms, median over rounds: the solver's
+    own ops beside a real f, without f's own slow-down beside the solver (None off the CPU)."""
+    if None in times["f_in", key]:
+        return None
+    return 1e3 * statistics.median((ts - tf) / 32 for ts, tf in zip(times[key], times["f_in", key]))
+
+
 def solve_times(f: Callable, z0: Tensor, runs: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
-    """Seconds of each solver's 32-NFE solve (key: the solver's) and of 32 bare calls of f made just
-    before it (per call, key ("f", solver's key)), over ``repeats`` rounds after two warm-up rounds;
+    """Seconds of each solver's 32-NFE solve (key: the solver's), of 32 bare calls of f made just
+    before it (per call, key ("f", solver's key)) and, on the CPU, of the f calls inside the solve
+    (all of them, key ("f_in", solver's key)), over ``repeats`` rounds after two warm-up rounds;
     and the calls of f each solve made. Each round runs every solver once, starting one solver later
     than the round before, so that neither a position in the round nor a load change favours one."""
     times: dict = {}
@@ -221,12 +275,13 @@ def solve_times(f: Callable, z0: Tensor, runs: dict, device: torch.device, repea
             for i in range(len(keys)):
                 key = keys[(rep + i) % len(keys)]
                 t_f = timed(lambda: bare_calls(f, z0, 32), device) / 32
-                cf = Counted(f)
+                cf = TimedF(f, device) if device.type == "cpu" else Counted(f)  # no syncs inside a GPU solve
                 t = timed(lambda: runs[key](cf, z0, 32, 0.0), device)
                 calls[key] = cf.calls
                 if rep >= 2:
                     times.setdefault(key, []).append(t)
                     times.setdefault(("f", key), []).append(t_f)
+                    times.setdefault(("f_in", key), []).append(getattr(cf, "seconds", None))
     return times, calls
 
 
@@ -235,6 +290,100 @@ def anderson_floor(z0: Tensor, bw: float) -> dict:
     the Gram row and m rows of Y for the mix, write z: (2m + 5) N elements."""
     nbytes = (2 * M + 5) * z0.numel() * z0.element_size()
     return {"bytes_per_step": nbytes, "floor_ms": 1e3 * nbytes / bw}
+
+
+def step_rounds(f: Callable, z0: Tensor, runs: dict, device: torch.device, repeats: int) -> dict[str, list[dict]]:
+    """Per-step seconds of each solver's 32-NFE solve, one dict per round (``repeats`` rounds after
+    one warm-up round): ``in_solve``, the solve's time less that of the f calls it made, timed
+    inside it (the solver's own ops, beside a real f); ``bare``, less as many bare calls of f timed
+    just before it (which also charges the solver with f running slower beside it); ``f``, the
+    seconds of one call inside the solve. Each round starts one solver later than the one before."""
+    keys, rounds = list(runs), {key: [] for key in runs}
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            for i in range(len(keys)):
+                key = keys[(rep + i) % len(keys)]
+                t_bare = timed(lambda: bare_calls(f, z0, 32), device) / 32
+                timed_f = TimedF(f, device)
+                t = timed(lambda: runs[key](timed_f, z0, 32, 0.0), device)
+                if rep:
+                    rounds[key].append({"in_solve": (t - timed_f.seconds) / 32, "f": timed_f.seconds / timed_f.calls,
+                                        "bare": (t - timed_f.calls * t_bare) / 32})
+    return rounds
+
+
+def step_summary(rounds: dict[str, list[dict]], key: str) -> dict:
+    """cdeq's and TorchDEQ's median per-step ms under ``key`` and the median of their per-round ratios."""
+    out = {f"{lib}_ms": 1e3 * statistics.median(r[key] for r in rs) for lib, rs in rounds.items()}
+    if "torchdeq" in rounds:
+        out["ratio"] = statistics.median(c[key] / t[key] for c, t in zip(rounds["cdeq"], rounds["torchdeq"]))
+    return out
+
+
+def sweep_shapes(batches: list[int], sizes: list[int], cap: int) -> list[tuple[int, int]]:
+    """(batch, per-sample state size) pairs of the sweep with at most ``cap`` elements in a state."""
+    return [(b, n) for b in batches for n in sizes if b * n <= cap]
+
+
+def sweep_point(batch: int, size: int, threads: int, device: torch.device, libs: list[str], repeats: int) -> dict:
+    """Anderson's per-step cost in both libraries at one shape, next to TokenFFN and to a cheap map."""
+    torch.set_num_threads(threads)
+    layer, u, z0 = build("token_ffn", {"B": batch, "N": size}, device)
+    runs = {lib: runner(lib, "anderson") for lib in libs}
+    load = os.getloadavg()[0]
+    real = step_rounds(lambda z: layer(z, u), z0, runs, device, repeats)
+    cheap = step_rounds(lambda z: torch.add(u, z, alpha=0.5), z0, runs, device, repeats)
+    per_round = {kind: {lib: [round(1e3 * r["in_solve"], 4) for r in rs] for lib, rs in rounds.items()}
+                 for kind, rounds in (("with_f", real), ("solver_only", cheap))}
+    return {"batch": batch, "size": size, "threads": threads, "load_before": load, "load_after": os.getloadavg()[0],
+            "f_ms": 1e3 * statistics.median(r["f"] for r in real["cdeq"]),
+            "with_f": step_summary(real, "in_solve"), "with_f_bare": step_summary(real, "bare"),
+            "solver_only": step_summary(cheap, "in_solve"), "per_round_ms": per_round}
+
+
+def sweep_markdown(meta: dict, points: list[dict]) -> str:
+    """The sweep's table: per-step ms of both Andersons and their ratio at every point."""
+    lines = [f"# Anderson per-step cost across shapes: cdeq vs TorchDEQ ({meta['device']})", "",
+             f"`{meta['command']}` — torch {meta['torch']}, torchdeq {meta['torchdeq']}, commit {meta['commit']}, "
+             f"seed {meta['seed']}, m = {meta['m']}, allocator thresholds: {meta['malloc']}, "
+             f"load average (1 min) {meta['load_start']:.1f} at the start, {meta['load_end']:.1f} at the end", "",
+             "f = TokenFFN (u + W2 gelu(W1 LN(z)) on tokens of width 64, hidden 128) on a state of B samples of "
+             "N elements. Per-step ms = (32-NFE solve − the f calls it made, timed inside it) / 32, median over "
+             f"{meta['repeats']} rounds; ratio = median of the per-round ratios cdeq / TorchDEQ. 'bare f' subtracts "
+             "as many bare calls of f timed just before the solve instead (f's slow-down beside the solver is then "
+             "charged to it). Solver-only: f replaced by the map z/2 + u. Target: ratio <= 0.4.", "",
+             "| B | N | threads | f ms | cdeq ms | TorchDEQ ms | ratio | ratio (bare f) | solver-only cdeq ms | "
+             "solver-only TorchDEQ ms | solver-only ratio | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        w, b, o = p["with_f"], p["with_f_bare"], p["solver_only"]
+        lines.append(f"| {p['batch']} | {p['size']} | {p['threads']} | {p['f_ms']:.3f} | {w['cdeq_ms']:.3f} | "
+                     f"{fmt(w.get('torchdeq_ms'), '.3f')} | {fmt(w.get('ratio'), '.2f')} | {fmt(b.get('ratio'), '.2f')} | "
+                     f"{o['cdeq_ms']:.3f} | {fmt(o.get('torchdeq_ms'), '.3f')} | {fmt(o.get('ratio'), '.2f')} | "
+                     f"{p['load_before']:.1f} |")
+    met = [p for p in points if p["with_f"].get("ratio", 1.0) <= 0.4]
+    lines += ["", f"Ratio <= 0.4 with f at {len(met)} of {len(points)} points."]
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(args: argparse.Namespace, device: torch.device, libs: list[str], meta: dict) -> None:
+    """Measure every point of the sweep, print its table and write results/benchmarks/solvers-sweep.*"""
+    if device.type == "cpu":  # the thread count is the sweep's, point by point
+        meta["device"] = device_name(device).rsplit(", ", 1)[0]
+        meta.pop("threads")
+    meta.update(repeats=args.sweep_repeats, load_start=os.getloadavg()[0], batches=args.sweep_batches,
+                sizes=args.sweep_sizes, thread_counts=args.sweep_threads, cap=args.sweep_cap)
+    points = []
+    for threads in args.sweep_threads:
+        for batch, size in sweep_shapes(args.sweep_batches, args.sweep_sizes, args.sweep_cap):
+            points.append(sweep_point(batch, size, threads, device, libs, args.sweep_repeats))
+            print(f"done: B={batch} N={size} threads={threads}", file=sys.stderr)
+    meta["load_end"] = os.getloadavg()[0]
+    md = sweep_markdown(meta, points)
+    print(md)
+    out = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / "solvers-sweep.json"
+    atomic_write_json(out, {"meta": meta, "points": points})
+    atomic_write_text(out.with_suffix(".md"), md)
 
 
 def backward_rows(name: str, layer: nn.Module, u: Tensor, z0: Tensor, device: torch.device,
@@ -276,6 +425,29 @@ def fmt(x: Optional[float], spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def anderson_lines(rows: list[dict], floors: dict) -> list[str]:
+    """The Anderson section: cdeq's per-step cost against TorchDEQ's, measured three ways, and the floor."""
+    lines = ["", "## Anderson per-step cost: cdeq vs TorchDEQ, and the memory-traffic floor", "",
+              "| problem | cdeq ms | TorchDEQ ms | ratio | ratio (min-based) | cdeq ms (f timed in solve) | "
+              "TorchDEQ ms (f timed in solve) | ratio (f timed in solve) | solver-only cdeq ms | solver-only TorchDEQ ms | "
+              "solver-only ratio | floor ms ((2m+5)·N bytes / bandwidth) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, fl in floors.items():
+        c = next(r for r in rows if r["problem"] == name and r["library"] == "cdeq" and r["solver"] == "anderson")
+        t = next((r for r in rows if r["problem"] == name and r["library"] == "torchdeq"
+                  and r["solver"] == "anderson"), None)
+        ratio = c["per_step_ms"] / t["per_step_ms"] if t else None
+        ratio_min = c["per_step_ms_min"] / t["per_step_ms_min"] if t else None
+        ratio_only = c["solver_only_ms"] / t["solver_only_ms"] if t else None
+        c_in, t_in = c["per_step_in_solve_ms"], t and t["per_step_in_solve_ms"]
+        ratio_in = c_in / t_in if c_in and t_in else None
+        lines.append(f"| {name} | {c['per_step_ms']:.3f} | {fmt(t and t['per_step_ms'], '.3f')} | "
+                     f"{fmt(ratio, '.2f')} | {fmt(ratio_min, '.2f')} | {fmt(c_in, '.3f')} | {fmt(t_in, '.3f')} | "
+                     f"{fmt(ratio_in, '.2f')} | {c['solver_only_ms']:.3f} | "
+                     f"{fmt(t and t['solver_only_ms'], '.3f')} | {fmt(ratio_only, '.2f')} | {fl['floor_ms']:.3f} |")
+    return lines
+
+
 def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> str:
     lines = [f"# Solver benchmark ({meta['preset']} preset, {meta['device']})", "",
              f"`{meta['command']}` — torch {meta['torch']}, torchdeq {meta['torchdeq']}, commit {meta['commit']}, "
@@ -285,7 +457,9 @@ def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> s
              "Per-step cost = (32-NFE solve time − its f calls × f time) / 32, median over rounds of the "
              "difference within a pair (32 bare f calls timed just before each solve; f ms is their median); "
              "cdeq's solve makes one extra "
-             "check call of f (counted in the f calls, not in NFE). max abs(z − z*): the largest entry of the "
+             "check call of f (counted in the f calls, not in NFE). 'f timed in solve': the solve's time less "
+             "its f calls timed inside it (the solver's own ops beside f, without f's own slow-down beside the "
+             "solver). max abs(z − z*): the largest entry of the "
              f"difference between the state a solve to relative tolerance {SAME_TOL:g} returns (capped at `--cap` NFE) "
              "and the layer's fixed point computed in float64.", "",
              "| problem | lib | solver | " + " | ".join(f"res@{k}" for k in NFES)
@@ -296,20 +470,7 @@ def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> s
                      + " | ".join(f"{r['residual_after'][k]:.1e}" for k in NFES)
                      + f" | {fmt(r['nfe_to_0.001'], 'd')} | {fmt(r['nfe_to_1e-05'], 'd')} | {r['max_diff_to_ref']:.1e} | {r['f_ms']:.2f} | "
                      f"{r['solve32_ms']:.1f} | {r['overhead']:.0%} | {r['per_step_ms']:.3f} | {r['per_step_ms_min']:.3f} |")
-    lines += ["", "## Anderson per-step cost: cdeq vs TorchDEQ, and the memory-traffic floor", "",
-              "| problem | cdeq ms | TorchDEQ ms | ratio | ratio (min-based) | solver-only cdeq ms | solver-only TorchDEQ ms | "
-              "solver-only ratio | floor ms ((2m+5)·N bytes / bandwidth) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for name, fl in floors.items():
-        c = next(r for r in rows if r["problem"] == name and r["library"] == "cdeq" and r["solver"] == "anderson")
-        t = next((r for r in rows if r["problem"] == name and r["library"] == "torchdeq"
-                  and r["solver"] == "anderson"), None)
-        ratio = c["per_step_ms"] / t["per_step_ms"] if t else None
-        ratio_min = c["per_step_ms_min"] / t["per_step_ms_min"] if t else None
-        ratio_only = c["solver_only_ms"] / t["solver_only_ms"] if t else None
-        lines.append(f"| {name} | {c['per_step_ms']:.3f} | {fmt(t and t['per_step_ms'], '.3f')} | "
-                     f"{fmt(ratio, '.2f')} | {fmt(ratio_min, '.2f')} | {c['solver_only_ms']:.3f} | "
-                     f"{fmt(t and t['solver_only_ms'], '.3f')} | {fmt(ratio_only, '.2f')} | {fl['floor_ms']:.3f} |")
+    lines += anderson_lines(rows, floors)
     lines += ["", "## Backward passes (cdeq.DEQ)", ""]
     if any("error" in b for b in brows):
         lines.append("Not measured: " + "; ".join(b["error"] for b in brows if "error" in b))
@@ -320,7 +481,7 @@ def markdown(meta: dict, rows: list[dict], floors: dict, brows: list[dict]) -> s
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--device", default="cpu")
@@ -331,8 +492,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="glibc allocator thresholds (cdeq.runtime.tune_cpu_allocator) for both libraries, or glibc's defaults")
-    p.add_argument("--out", default=None, help="JSON path (default results/benchmarks/solvers-<preset>.json)")
-    args = p.parse_args(argv)
+    p.add_argument("--sweep", action="store_true", help="Anderson's per-step cost over shapes and thread counts instead")
+    p.add_argument("--sweep-batches", type=int, nargs="+", default=list(SWEEP_BATCHES))
+    p.add_argument("--sweep-sizes", type=int, nargs="+", default=list(SWEEP_SIZES), help="per-sample state sizes")
+    p.add_argument("--sweep-threads", type=int, nargs="+", default=list(SWEEP_THREADS))
+    p.add_argument("--sweep-cap", type=int, default=SWEEP_CAP, help="most elements in one state (batch x size)")
+    p.add_argument("--sweep-repeats", type=int, default=5)
+    p.add_argument("--out", default=None,
+                   help="JSON path (default results/benchmarks/solvers-<preset>.json, or solvers-sweep.json)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     tuned = args.malloc == "tuned" and tune_cpu_allocator()
     if args.threads:
@@ -343,13 +515,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         libs, tdq_version = ["cdeq", "torchdeq"], getattr(torchdeq, "__version__", "0.1.0")
     except ImportError:
         libs, tdq_version = ["cdeq"], None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    bw = bandwidth(device)
     meta = {"command": " ".join(["python", "benchmarks/solvers.py", *(argv if argv is not None else sys.argv[1:])]),
-            "preset": args.preset, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "torch": torch.__version__, "torchdeq": tdq_version, "commit": commit, "seed": 0,
-            "threads": torch.get_num_threads(), "bandwidth_gbs": bw / 1e9, "m": M,
+            "preset": args.preset, "device": device_name(device), "torch": torch.__version__, "torchdeq": tdq_version,
+            "commit": git_commit(), "seed": 0, "threads": torch.get_num_threads(), "m": M,
             "malloc": "tuned" if tuned else "glibc default"}
+    if args.sweep:
+        run_sweep(args, device, libs, meta)
+    else:
+        run_problems(args, device, libs, meta)
+
+
+def run_problems(args: argparse.Namespace, device: torch.device, libs: list[str], meta: dict) -> None:
+    """The three problems' table: residuals, NFE to tolerance, timings, Anderson floor, backward passes."""
+    bw = bandwidth(device)
+    meta["bandwidth_gbs"] = bw / 1e9
     rows, floors, brows = [], {}, []
     for name in args.problems:
         layer, u, z0 = build(name, PRESETS[args.preset][name], device)
