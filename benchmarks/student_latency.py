@@ -14,7 +14,9 @@ task's student with each form of W (Eq. 8): ``full`` the ``C x (C + 1)`` matrix,
 identity plus a rank-r map (``ConsistencyDEQ(proj_rank=r)``), each against bare calls timed in the
 same rounds. ``--passes P`` measures every student P times in turn (``--repeats`` rounds each) and
 reports the median over passes of each figure, so that a change of load during the run hits every
-form alike rather than the one measured last.
+form alike rather than the one measured last. Where a step's time goes: the parts of one step after
+the first (the teacher's layer, which is what the student's f' costs; W of each form; the residual,
+Anderson step and skip, eager and fused) timed in turn within each of ``5 * --repeats`` rounds.
 
     python benchmarks/student_latency.py --threads 1    # writes results/benchmarks/student-latency-cpu.{json,md}
     python benchmarks/student_latency.py --threads 1 --tasks cora --proj-ranks full 8 --passes 5 \
@@ -32,11 +34,12 @@ import torch
 
 from cdeq import tasks
 from cdeq.consistency import ConsistencyDEQ
+from cdeq.consistency.student import fused_inference_step, inference_step, residual
 from cdeq.io import atomic_write_json, atomic_write_text
-from cdeq.measure import device_name, git_commit, student_latency
+from cdeq.measure import device_name, git_commit, student_latency, time_rounds_ms
 from cdeq.pipeline import DEFAULTS
 from cdeq.runtime import tune_cpu_allocator
-from cdeq.state import to_device
+from cdeq.state import as_tuple, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.15  # the pipeline issue's bound on C-DEQ's time over the bare layer calls
@@ -55,10 +58,38 @@ def proj_label(rank: Optional[int]) -> str:
     return "full" if rank is None else f"rank {rank}"
 
 
+def step_parts(students: dict[Optional[int], ConsistencyDEQ], teacher: torch.nn.Module, x: torch.Tensor,
+               device: torch.device, repeats: int) -> dict[str, float]:
+    """Median ms of the parts of one student step after the first, on the teacher's own iterates:
+    its layer, W of each form in ``students`` and the step of Eq. 7 and 5 (eager; fused if it compiles)."""
+    student = next(iter(students.values()))
+    with torch.no_grad():
+        u = teacher.inject(x)
+        z_prev = teacher.layer(teacher.init_state(u), u)
+        z = teacher.layer(z_prev, u)
+        h_prev, hz = z, teacher.layer(z, u)
+        res_prev = residual(z_prev, h_prev)
+    c_skip = torch.as_tensor(0.5, dtype=as_tuple(z)[0].dtype, device=as_tuple(z)[0].device)
+    step_args = (z, hz, z_prev, h_prev, res_prev, c_skip, student.beta_aa, student.aa_lam)
+    fns = {"layer": lambda: teacher.layer(z, u)}
+    for rank, s in students.items():
+        fns[f"W {proj_label(rank)}"] = lambda s=s: [proj(p, 0.5) for proj, p in zip(s.proj, as_tuple(hz))]
+    fns["AA + skip, eager"] = lambda: inference_step(*step_args)
+    try:
+        with torch.no_grad():
+            fused_inference_step()(*step_args)
+        fns["AA + skip, fused"] = lambda: fused_inference_step()(*step_args)
+    except Exception as err:  # noqa: BLE001 -- no compiler here: the eager figure stands alone
+        print(f"fused step not compiled ({type(err).__name__}); parts without it", file=sys.stderr)
+    times = time_rounds_ms(fns, device, warmup=3, repeats=repeats)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure(task_name: str, preset: str, budgets: list[int], device: torch.device, repeats: int,
-            proj_ranks: list[Optional[int]], passes: int) -> list[dict]:
+            proj_ranks: list[Optional[int]], passes: int) -> tuple[list[dict], dict]:
     """One task's rows, eager and fused C-DEQ steps for each form of W: times and ratios per budget
-    (medians over ``passes``, the students measured in turn in each), per-step costs."""
+    (medians over ``passes``, the students measured in turn in each), per-step costs; and the parts of
+    a step (:func:`step_parts`)."""
     task = tasks.get(task_name)
     teacher = task.build_teacher(preset).to(device).eval().requires_grad_(False)
     x, _ = next(iter(task.batches("test", limit=1)))
@@ -78,7 +109,8 @@ def measure(task_name: str, preset: str, budgets: list[int], device: torch.devic
         step = "fused" if students[(fused, rank)].fused else "eager"
         rows.append({"task": task_name, "proj": proj_label(rank), "step": step, "latency": per_k,
                      **per_step(per_k, budgets), "passes": runs})
-    return rows
+    parts = step_parts({rank: students[(False, rank)] for rank in proj_ranks}, teacher, x, device, 5 * repeats)
+    return rows, {"task": task_name, "ms": parts}
 
 
 def per_step(per_k: dict, budgets: list[int]) -> dict:
@@ -90,7 +122,7 @@ def per_step(per_k: dict, budgets: list[int]) -> dict:
     return {"step_ms": step_ms, "layer_ms": layer_ms, "step_over_layer": step_ms / layer_ms}
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
+def markdown(meta: dict, rows: list[dict], parts: list[dict]) -> str:
     budgets = meta["budgets"]
     lines = [f"# C-DEQ time per batch against bare teacher-layer calls ({meta['device']})", "",
              f"`{meta['command']}` — torch {meta['torch']}, commit {meta['commit']}, seed {meta['seed']}, "
@@ -111,6 +143,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {r['task']} | {r['proj']} | {r['step']} | "
                   + " ".join(f"{run[str(budgets[-1])]['ratio']:.3f}" for run in r["passes"]) + " |" for r in rows]
+    names = list(parts[0]["ms"])
+    lines += ["", f"Where a step goes: ms of each part of one step after the first (medians of {5 * meta['repeats']} "
+              "rounds, the parts in turn; a step is the layer's call in f', W and the AA step + skip):", "",
+              "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {q['task']} | " + " | ".join(f"{q['ms'][n]:.3f}" for n in names) + " |" for q in parts]
     return "\n".join(lines) + "\n"
 
 
@@ -141,15 +178,17 @@ def main(argv: Optional[list[str]] = None) -> None:
             "device": device_name(device), "torch": torch.__version__, "commit": git_commit(), "seed": args.seed,
             "preset": args.preset, "budgets": budgets, "repeats": args.repeats, "passes": args.passes,
             "student_init": DEFAULTS["student_init"], "proj_ranks": [proj_label(r) for r in args.proj_ranks]}
-    rows = []
+    rows, parts = [], []
     for name in args.tasks:
         torch.manual_seed(args.seed)
-        rows += measure(name, args.preset, budgets, device, args.repeats, args.proj_ranks, args.passes)
+        task_rows, task_parts = measure(name, args.preset, budgets, device, args.repeats, args.proj_ranks, args.passes)
+        rows += task_rows
+        parts.append(task_parts)
         print(f"done: {name}", file=sys.stderr)
-    md = markdown(meta, rows)
+    md = markdown(meta, rows, parts)
     print(md)
     out = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / f"student-latency-{device.type}.json"
-    atomic_write_json(out, {"meta": meta, "rows": rows})
+    atomic_write_json(out, {"meta": meta, "rows": rows, "parts": parts})
     atomic_write_text(out.with_suffix(".md"), md)
 
 
