@@ -148,6 +148,8 @@ def test_set_values_are_parsed_by_type(capsys):
     ({"rho": 0.0}, r"rho: expected rho > 0"),
     ({"p_aug": 2.0}, r"p_aug: expected a number in \[0.0, 1.0\], got 2.0"),
     ({"fused_inference": "yes"}, r"fused_inference: expected True or False, got 'yes'"),
+    ({"student_proj_rank": 0}, r"student_proj_rank: expected an integer >= 1, got 0"),
+    ({"amp": "fp16"}, r"amp: expected one of \('bf16',\), got 'fp16'"),
 ])
 def test_out_of_range_settings_are_named(changes, message):
     with pytest.raises(ValueError, match=message):

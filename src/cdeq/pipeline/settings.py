@@ -152,7 +152,8 @@ def check_settings(s: dict[str, Any]) -> None:
     for name in ("traj_steps", "anderson_m", "distill_steps", "distill_batch_size", "hyper_steps", "direct_steps",
                  "time_repeats"):
         check_int(name, s[name], 1)
-    for name in ("traj_batches", "traj_batch_size", "explicit_steps", "eval_batch_size", "eval_limit"):
+    for name in ("traj_batches", "traj_batch_size", "explicit_steps", "eval_batch_size", "eval_limit",
+                 "student_proj_rank"):
         if s[name] is not None:
             check_int(name, s[name], 1)
     if s["rollout_steps"] is not None:
