@@ -120,3 +120,20 @@ def test_distillation_under_bf16_stays_close_to_float32(online):
         for nfe in (1, 2):
             exact, mixed = (s.state(x, nfe) for s in students)
             assert relative(mixed, exact) < 1e-2
+
+
+def test_a_graph_layer_runs_under_bf16_with_its_sparse_product_in_float32():
+    """CPU has no bf16 sparse kernel: IGNN's adjacency product leaves autocast, its dense ones stay."""
+    from cdeq.models.ignn import IGNN
+
+    g = torch.Generator().manual_seed(0)
+    edges = torch.randint(0, 30, (2, 90), generator=g)
+    model = IGNN(edges, num_nodes=30, in_features=5, num_classes=3, hidden=16).eval()
+    x = torch.randn(1, 30, 5, generator=g)
+    with torch.no_grad():
+        u = model.inject(x)
+        exact, _ = cdeq.solve(lambda z: model.layer(z, u), model.init_state(u), max_iter=40, tol=1e-6)
+        with amp_layers(model, "bf16"):
+            mixed, _ = cdeq.solve(lambda z: model.layer(z, u), model.init_state(u), max_iter=40, tol=1e-3)
+    assert mixed.dtype == torch.float32 and not torch.equal(mixed, exact)
+    assert relative(mixed, exact) < 2e-2

@@ -92,7 +92,10 @@ class SparseAdjacency(nn.Module):
         return torch.stack([rows, col])
 
     def forward(self, x: Tensor) -> Tensor:
-        return _SparseMatmul.apply(self.adj, self.adj_t, x)
+        """``A x`` in the adjacency's dtype, outside autocast (no bf16 sparse kernels on CPU), so a
+        layer under ``amp`` (:mod:`cdeq.precision`) keeps its dense products alone in bf16."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _SparseMatmul.apply(self.adj, self.adj_t, x.to(self.adj.dtype))
 
 
 def perron_frobenius(adj: Tensor, iters: int = 200, tol: float = 1e-7) -> float:
