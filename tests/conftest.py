@@ -151,3 +151,11 @@ def count_layer_calls(module: DEQModel) -> list[int]:
 
     module.layer = counted
     return calls
+
+
+def assert_onnx_matches_eager(ort, module: nn.Module, x: torch.Tensor) -> None:
+    """Export ``module`` to ONNX and check an ONNX Runtime session against eager to 1e-5."""
+    program = torch.onnx.export(module, (x,), dynamo=True, verbose=False, optimize=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), module(x), rtol=1e-5, atol=1e-5)

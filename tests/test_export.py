@@ -10,7 +10,7 @@ import torch
 from cdeq import models
 from cdeq.consistency import ConsistencyDEQ
 from cdeq.state import as_tuple
-from conftest import ToyDEQ, ToyGraphDEQ, ToyTupleDEQ, count_layer_calls
+from conftest import ToyDEQ, ToyGraphDEQ, ToyTupleDEQ, assert_onnx_matches_eager, count_layer_calls
 
 FAMILIES = {"toy": (ToyDEQ, (4, 8)), "tuple": (ToyTupleDEQ, (4, 6)), "graph": (ToyGraphDEQ, (1, 20, 5))}
 
@@ -60,11 +60,7 @@ def test_onnx_runtime_matches_eager(family):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")  # torch.onnx's exporter
     student, x = perturbed_student(family)
-    module = student.as_module(nfe=4)
-    program = torch.onnx.export(module, (x,), dynamo=True, verbose=False, optimize=False)
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(out), module(x), rtol=1e-5, atol=1e-5)
+    assert_onnx_matches_eager(ort, student.as_module(nfe=4), x)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,7 +12,7 @@ from cdeq.cli import main
 from cdeq.consistency import ConsistencyDEQ, DistillConfig, distill, equilibrium_error
 from cdeq.consistency.student import FullProjection, LowRankProjection
 from cdeq.state import as_tuple, map_state
-from conftest import ToyDEQ, ToyGraphDEQ, ToyTupleDEQ, toy_batches, toy_trajectories
+from conftest import ToyDEQ, ToyGraphDEQ, ToyTupleDEQ, assert_onnx_matches_eager, toy_batches, toy_trajectories
 
 FAMILIES = {"toy": (ToyDEQ, (4, 8), "linear"), "tuple": (ToyTupleDEQ, (4, 6), "zeros"),
             "graph": (ToyGraphDEQ, (1, 20, 5), "linear")}
@@ -135,11 +135,7 @@ def test_onnx_runtime_matches_eager():
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     student, x = low_rank_student("toy")
-    module = student.as_module(nfe=4)
-    program = torch.onnx.export(module, (x,), dynamo=True, verbose=False, optimize=False)
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(out), module(x), rtol=1e-5, atol=1e-5)
+    assert_onnx_matches_eager(ort, student.as_module(nfe=4), x)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
