@@ -116,6 +116,51 @@ def test_report_rebuilds_from_json(tiny_run, tmp_path):
     assert (tmp_path / "quality_vs_nfe.png").stat().st_size > 0
 
 
+@cora_present
+def test_warmstart_study_loads_the_student_and_measures_every_start(tiny_run, capsys):
+    out, config, _ = tiny_run
+    result = pipeline.run_ablation(config, "warmstart")
+    log = capsys.readouterr().out
+    assert "[cdeq] cached" in log and "[trajectories] cached" in log  # trains nothing
+    from cdeq.pipeline.inference_study import WARM_STARTS
+    rows = {(r["method"], r["tol"]): r for r in result["results"]}
+    assert set(rows) == {(s.name, t) for s in WARM_STARTS for t in (1e-3, 1e-5)}
+    for (name, tol), r in rows.items():
+        assert (r["nfe"] is None) == (r["reached"] == 0.0)
+        if r["nfe"] is not None:
+            assert r["warm"] + 1 <= r["nfe"] <= 50
+        base = rows[("teacher-anderson", tol)]["nfe"]
+        if r["nfe"] is not None and base is not None:
+            assert r["saved"] == pytest.approx(base - r["nfe"])
+    assert rows[("teacher-anderson", 1e-3)]["saved"] in (0.0, None)
+    on_disk = json.loads((out / "ablation-warmstart.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(result["results"])) and on_disk["commit"]
+    assert "| warm 2 + history |" in (out / "ablation-warmstart.md").read_text()
+
+
+@cora_present
+def test_adaptive_study_trades_nfe_for_tolerance(tiny_run):
+    out, config, _ = tiny_run
+    rows = pipeline.run_ablation(config, "adaptive")["results"]
+    budget = max(config.settings["nfe"])
+    fixed = [r for r in rows if r["tol"] is None]
+    assert [r["nfe"] for r in fixed] == list(range(1, budget + 1))
+    assert all(r["mean_nfe"] == r["nfe"] for r in fixed)
+    adaptive = sorted((r for r in rows if r["tol"] is not None), key=lambda r: r["tol"])
+    means = [r["mean_nfe"] for r in adaptive]
+    assert all(1 <= m <= budget for m in means)
+    assert means == sorted(means, reverse=True)  # a looser tolerance stops every sample no later
+    assert all(0.0 <= r["value"] <= 1.0 for r in rows)
+    md = (out / "ablation-adaptive.md").read_text()
+    assert md.count("| none |") == budget and f"| {budget} | 0.1 |" in md
+
+
+def test_unknown_ablation_grid_is_named(tmp_path):
+    config = pipeline.PipelineConfig(task="cora", preset="tiny", out=str(tmp_path / "run"), command="test")
+    with pytest.raises(ValueError, match="grid: expected one of .*warmstart.*'nope'"):
+        pipeline.run_ablation(config, "nope")
+
+
 def test_unknown_setting_is_named():
     with pytest.raises(ValueError, match=r"unknown \['distil_steps'\]; valid settings: .*distill_steps"):
         pipeline.PipelineConfig(task="cora", settings={"distil_steps": 3})

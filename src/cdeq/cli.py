@@ -4,6 +4,7 @@
   baselines -> evaluation grid -> table and figures), each stage cached and resumable;
 - ``cdeq report RUN_DIR``: rebuild ``table.md`` and the figures from ``table.json``;
 - ``cdeq ablate {lambdas,timemap} TASK``: the loss-weight grid (C-DEQ Table 4) and the time-map grid;
+  ``cdeq ablate {warmstart,adaptive} TASK``: warm-started exact solves and adaptive budgets of the run's student;
 - ``cdeq data {list,describe,fetch}``: the data sets and their sources.
 """
 from __future__ import annotations
@@ -40,14 +41,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(argv[1:])
 
+    from cdeq.pipeline.ablation import GRIDS
+
     parser = argparse.ArgumentParser(prog="cdeq", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the whole pipeline on a task and print the table")
     _add_run_args(p_run)
     p_report = sub.add_parser("report", help="rebuild table.md and the figures from RUN_DIR/table.json")
     p_report.add_argument("run_dir")
-    p_ablate = sub.add_parser("ablate", help="loss-weight (Table 4) or time-map grid on one task")
-    p_ablate.add_argument("grid", choices=("lambdas", "timemap"))
+    p_ablate = sub.add_parser("ablate", help="loss-weight (Table 4) or time-map grid, or the student's warm-start "
+                                             "or adaptive-budget study, on one task")
+    p_ablate.add_argument("grid", choices=GRIDS)
     _add_run_args(p_ablate)
     sub.add_parser("data", help="data sets: list, describe NAME, fetch NAME... | --all")
     args = parser.parse_args(argv)

@@ -14,10 +14,10 @@ keys of the stages it reads, and is marked done by a ``done.json`` holding its o
 A rerun skips finished stages and resumes an interrupted one from its own checkpoints; a changed
 setting gives the stages it touches a new key, so no stale result is reused.
 """
-from cdeq.pipeline.ablation import ABLATIONS, run_ablation
+from cdeq.pipeline.ablation import ABLATIONS, GRIDS, run_ablation
 from cdeq.pipeline.run import run_pipeline
 from cdeq.pipeline.settings import DEFAULTS, PRESETS, TASK_SETTINGS, PipelineConfig
 from cdeq.pipeline.stages import Run, Stage
 
-__all__ = ["ABLATIONS", "DEFAULTS", "PRESETS", "TASK_SETTINGS", "PipelineConfig", "Run", "Stage", "run_ablation",
+__all__ = ["ABLATIONS", "GRIDS", "DEFAULTS", "PRESETS", "TASK_SETTINGS", "PipelineConfig", "Run", "Stage", "run_ablation",
            "run_pipeline"]

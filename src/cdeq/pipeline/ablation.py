@@ -1,5 +1,6 @@
-"""``cdeq ablate {lambdas,timemap} TASK``: one C-DEQ student per point of a grid, on the run's
-teacher and trajectories."""
+"""``cdeq ablate GRID TASK``: one C-DEQ student per point of a training grid (``lambdas``,
+``timemap``) on the run's teacher and trajectories, or an inference grid on the run's student
+(``warmstart``, ``adaptive``: :mod:`cdeq.pipeline.inference_study`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +8,7 @@ from typing import Any
 from cdeq.io import atomic_write_json, atomic_write_text
 from cdeq.measure import device_name
 from cdeq.pipeline.evaluate import evaluate_method
+from cdeq.pipeline.inference_study import STUDIES
 from cdeq.pipeline.run import writer_lock
 from cdeq.pipeline.settings import PipelineConfig
 from cdeq.pipeline.stages import Run
@@ -18,15 +20,39 @@ ABLATIONS: dict[str, dict[str, tuple]] = {
     # The time map of Eq. 6 (rho) and the boundary exponent of Eq. 5 (gamma).
     "timemap": {"gamma": (1.0, 2.0, 4.0), "rho": (0.1, 0.25, 0.5, 1.0)},
 }
+GRIDS = (*ABLATIONS, *STUDIES)
 
 
 def run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
-    """Distil one C-DEQ student per point of the ``grid`` on the run's teacher and trajectories and
-    write ``ablation-<grid>.json`` / ``.md`` with the metric at each NFE of the run's grid."""
-    if grid not in ABLATIONS:
-        raise ValueError(f"grid: expected one of {sorted(ABLATIONS)}, got {grid!r}")
+    """Run ``grid`` and write ``ablation-<grid>.json`` / ``.md``: for a training grid, one C-DEQ
+    student per point with the metric at each NFE of the run's grid; for an inference grid, its rows."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid: expected one of {list(GRIDS)}, got {grid!r}")
     with writer_lock(config.out):
+        if grid in STUDIES:
+            return _run_study(config, grid)
         return _run_ablation(config, grid)
+
+
+def _run_study(config: PipelineConfig, grid: str) -> dict[str, Any]:
+    run = Run(config)
+    results, body = STUDIES[grid](run)
+    header = [f"## {config.task}: {grid} study of the C-DEQ student", "",
+              f"Device {device_name(run.device)}, seed {config.seed}, commit {run.commit[:10]}.", ""]
+    return _write(run, config, grid, results, header + body)
+
+
+def _write(run: Run, config: PipelineConfig, grid: str, results: list[dict[str, Any]],
+           lines: list[str]) -> dict[str, Any]:
+    """``ablation-<grid>.json`` (results with their provenance) and ``.md`` in the run directory."""
+    lines = [*lines, "", f"Command: `{config.command}`", ""]
+    out = {"task": config.task, "grid": grid, "command": config.command, "device": device_name(run.device),
+           "commit": run.commit, "seed": config.seed, "metric": run.task.metric,
+           "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in run.s.items()}, "results": results}
+    atomic_write_json(run.run_dir / f"ablation-{grid}.json", out)
+    atomic_write_text(run.run_dir / f"ablation-{grid}.md", "\n".join(lines))
+    print("\n".join(lines), flush=True)
+    return out
 
 
 def _run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
@@ -51,11 +77,4 @@ def _run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
     for r in results:
         cells = " | ".join(f"{r['values'][k] * 100:.2f}" if pct else f"{r['values'][k]:.2f}" for k in run.s["nfe"])
         lines.append(f"| {r[outer]} | {r[inner]} | {cells} |")
-    lines += ["", f"Command: `{config.command}`", ""]
-    out = {"task": config.task, "grid": grid, "command": config.command, "device": device_name(run.device),
-           "commit": run.commit, "seed": config.seed, "metric": run.task.metric,
-           "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in run.s.items()}, "results": results}
-    atomic_write_json(run.run_dir / f"ablation-{grid}.json", out)
-    atomic_write_text(run.run_dir / f"ablation-{grid}.md", "\n".join(lines))
-    print("\n".join(lines), flush=True)
-    return out
+    return _write(run, config, grid, results, lines)

@@ -4,7 +4,7 @@ states under the teacher's f, the time per batch and the peak memory."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -123,20 +123,33 @@ TOLERANCES = (1e-3, 1e-5)  # relative residuals of the NFE-to-tolerance table
 MAX_NFE = 50  # its solves' budget: a sample not there by then counts as not reached
 
 
-def nfe_to_tolerance(run: "Run", student: "ConsistencyDEQ", tols: tuple[float, ...] = TOLERANCES,
-                     max_nfe: int = MAX_NFE) -> list[dict[str, Any]]:
+class Start(NamedTuple):
+    """Where an exact solve starts: ``warm`` student steps (0: the teacher's z_0), and whether
+    Anderson's window is seeded with the student's last two (z, h(z)) pairs."""
+
+    name: str
+    warm: int
+    seed_history: bool = False
+
+
+PIPELINE_STARTS = (Start("teacher-anderson", 0), Start("cdeq+anderson", 1))
+
+
+def nfe_to_tolerance(run: "Run", student: "ConsistencyDEQ", starts: Sequence[Start] = PIPELINE_STARTS,
+                     tols: tuple[float, ...] = TOLERANCES, max_nfe: int = MAX_NFE) -> list[dict[str, Any]]:
     """Mean NFE per test sample to reach each relative residual ``tol`` under the teacher's f, each
-    sample stopped on its own: the teacher's Anderson from z_0 (``warm=0``) against ``cdeq+anderson``
-    (one student step, then the same Anderson; its step counted). The mean is over the samples that
-    reached ``tol`` within ``max_nfe`` calls; ``reached`` is their fraction."""
+    sample stopped on its own, from each of ``starts`` (``ConsistencyDEQ.solve``; the student's
+    steps counted): by default the teacher's Anderson from z_0 against ``cdeq+anderson`` (one
+    student step first). The mean is over the samples that reached ``tol`` within ``max_nfe``
+    calls; ``reached`` is their fraction."""
     rows = []
-    for name, warm in (("teacher-anderson", 0), ("cdeq+anderson", 1)):
+    for start in starts:
         for tol in tols:
             steps, met = [], []
 
             def predict(x: Any) -> State:
-                z, info = student.solve(to_device(x, run.device), tol=tol, max_nfe=max_nfe, warm=warm,
-                                        m=run.s["anderson_m"])
+                z, info = student.solve(to_device(x, run.device), tol=tol, max_nfe=max_nfe, warm=start.warm,
+                                        seed_history=start.seed_history, m=run.s["anderson_m"])
                 steps.append(info.steps[info.converged].float().cpu())
                 met.append(info.converged.float().cpu())
                 return z
@@ -145,8 +158,10 @@ def nfe_to_tolerance(run: "Run", student: "ConsistencyDEQ", tols: tuple[float, .
                 run.task.evaluate(predict, "test", batch_size=run.s["eval_batch_size"], limit=run.s["eval_limit"],
                                   score=lambda z, y: run.task.state_score(run.teacher(), z, y))
             nfe = pooled_mean(steps)
-            row = {"method": name, "tol": tol, "nfe": None if math.isnan(nfe) else nfe, "reached": pooled_mean(met)}
-            distributed.print0(f"  {name:<20} to {tol:.0e}: {nfe:.2f} NFE, reached {row['reached']:.1%}", flush=True)
+            row = {"method": start.name, "warm": start.warm, "seed_history": start.seed_history, "tol": tol,
+                   "nfe": None if math.isnan(nfe) else nfe, "reached": pooled_mean(met)}
+            distributed.print0(f"  {start.name:<24} to {tol:.0e}: {nfe:.2f} NFE, reached {row['reached']:.1%}",
+                               flush=True)
             rows.append(row)
     return rows
 
