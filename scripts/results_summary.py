@@ -107,6 +107,45 @@ def seed_line(paths: list[Path], nfes: list[int], what: str) -> None:
             stat([sign * (r[1][("cdeq", k)] - r[1][(other, k)]) * scale for r in runs]) for k in nfes))
     print(f"- seeds {seeds} ({len(runs)} {what}; mean ± sd, NFE "
           + " / ".join(map(str, nfes)) + "): " + "; ".join(cells))
+    if all(("cdeq+anderson", nfes[0]) in r[1] for r in runs):
+        print(best_of_line(runs, nfes, scale, sign))
+    if all(r[0].get("to_tolerance") for r in runs):
+        print(tolerance_line(runs))
+
+
+NEW, OLD = ("cdeq", "cdeq+anderson"), ("teacher-anderson", "hyperdeq")
+
+
+def best_of_line(runs: list[tuple], nfes: list[int], scale: float, sign: float) -> str:
+    """The issue-18 target over seeds: at each NFE, the better of C-DEQ and cdeq+anderson minus the
+    better of the teacher's Anderson and HyperDEQ (positive = a C-DEQ method ahead), its mean ± sd,
+    and whether an older method wins by more than that spread."""
+    def best(value: dict, methods: tuple[str, ...], k: int) -> float:
+        return max(sign * value[(m, k)] for m in methods if (m, k) in value)
+    cells, beyond = [], []
+    for k in nfes:
+        margins = [(best(r[1], NEW, k) - best(r[1], OLD, k)) * scale for r in runs]
+        mean, sd = statistics.mean(margins), statistics.stdev(margins)
+        cells.append(f"{mean:.2f} ± {sd:.2f}")
+        if mean < 0 and -mean > sd:
+            beyond.append(str(k))
+    verdict = ("no NFE where an older method wins beyond the seeds' spread" if not beyond
+               else f"an older method wins beyond the seeds' spread at NFE {', '.join(beyond)}")
+    return (f"- better of cdeq / cdeq+anderson − better of teacher-anderson / hyperdeq (NFE " + " / ".join(map(str, nfes))
+            + "): " + " / ".join(cells) + f"; {verdict}")
+
+
+def tolerance_line(runs: list[tuple]) -> str:
+    """Mean ± sd over seeds of the NFE to each relative residual, from z_0 and warm-started."""
+    cells = []
+    for tol in sorted({row["tol"] for row in runs[0][0]["to_tolerance"]}, reverse=True):
+        for method in ("teacher-anderson", "cdeq+anderson"):
+            nfe = [next(row["nfe"] for row in r[0]["to_tolerance"] if row["method"] == method and row["tol"] == tol)
+                   for r in runs]
+            shown = (f"{statistics.mean(nfe):.2f} ± {statistics.stdev(nfe):.2f}" if None not in nfe
+                     else "not reached in every run")
+            cells.append(f"{method} to {tol:.0e}: {shown}")
+    return "- NFE per test sample to a relative residual (mean ± sd over seeds): " + "; ".join(cells)
 
 
 def target_line(t: dict, value: dict, nfes: list[int]) -> str:
