@@ -155,6 +155,39 @@ def test_adaptive_study_trades_nfe_for_tolerance(tiny_run):
     assert md.count("| none |") == budget and f"| {budget} | 0.1 |" in md
 
 
+@cora_present
+def test_a_seed_repeat_copies_the_trajectory_stage_it_names(tiny_run, tmp_path, monkeypatch):
+    out, config, _ = tiny_run
+    teacher_dir, = out.glob("teacher-*")
+    traj_dir, = out.glob("trajectories-*")
+    shared = {"teacher_from": str(teacher_dir), "traj_from": str(traj_dir)}
+    repeat = pipeline.PipelineConfig(task="cora", preset="tiny", seed=1, out=str(tmp_path / "seed1"), settings=shared)
+    run = pipeline.Run(repeat)
+    run.train_teacher()
+    monkeypatch.setattr("cdeq.consistency.sample_trajectories", lambda *a, **k: pytest.fail("sampled again"))
+    summary = run.sample()
+    assert run.traj_stage.dir.name != traj_dir.name  # its own stage, keyed by the source's identity
+    mine, theirs = (json.loads((d / "cache" / "meta.json").read_text()) for d in (run.traj_stage.dir, traj_dir))
+    assert mine == theirs and summary["items"] == json.loads((traj_dir / "done.json").read_text())["summary"]["items"]
+    # Other sampling settings, or a directory that is not a finished stage, are refused by name.
+    with pytest.raises(ValueError, match=r"traj_from: .* other settings: traj_steps=6 \(this run 5\)"):
+        pipeline.Run(dataclasses.replace(repeat, settings={**shared, "traj_steps": 5}))
+    with pytest.raises(FileNotFoundError, match="traj_from: .* not a finished trajectory stage"):
+        pipeline.Run(dataclasses.replace(repeat, settings={**shared, "traj_from": str(teacher_dir)}))
+
+
+@cora_present
+def test_a_trajectory_stage_of_another_teacher_is_refused(tiny_run, tmp_path):
+    out, config, _ = tiny_run
+    traj_dir, = out.glob("trajectories-*")
+    other = pipeline.PipelineConfig(task="cora", preset="tiny", seed=1, out=str(tmp_path / "other"),
+                                    settings={"traj_from": str(traj_dir)})  # trains its own seed-1 teacher
+    run = pipeline.Run(other)
+    run.train_teacher()
+    with pytest.raises(ValueError, match="teacher"):
+        run.sample()
+
+
 def test_unknown_ablation_grid_is_named(tmp_path):
     config = pipeline.PipelineConfig(task="cora", preset="tiny", out=str(tmp_path / "run"), command="test")
     with pytest.raises(ValueError, match="grid: expected one of .*warmstart.*'nope'"):

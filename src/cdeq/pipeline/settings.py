@@ -17,6 +17,8 @@ DEFAULTS: dict[str, Any] = {
     "teacher_from": None,          # a finished teacher run (`python -m cdeq.tasks.train`) to load instead
     "explicit_from": None,         # likewise for the explicit baseline
     "explicit_steps": None,        # training steps of the explicit baseline (None: the task recipe's)
+    "traj_from": None,             # a finished trajectory stage (RUN_DIR/trajectories-KEY) of the same teacher and
+                                   # settings to copy instead of sampling (seed repeats that share the teacher)
     "traj_steps": 30,              # K: Anderson steps of the teacher trajectory
     "traj_batches": None,          # training batches to sample trajectories on (None: all)
     "traj_batch_size": None,       # None: the task's batch size

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from cdeq.consistency import OnlineTeacher, Storage
 
 
+# The settings that decide what the trajectory stage samples (its key, and what ``traj_from`` must match).
+TRAJ_KEYS = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_aug", "anderson_m", "traj_store",
+             "traj_keep")
+
+
 def _key(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -127,10 +132,10 @@ class Run:
         self.explicit_stage = self.stage("explicit", {**base, "preset": self.s["teacher_preset"],
                                                                "from": self._source_hash("explicit_from"),
                                                                "steps": self.s["explicit_steps"]})
-        traj_keys = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_aug", "anderson_m", "traj_store",
-                     "traj_keep")
-        self.traj_stage = self.stage("trajectories", {"teacher": self.teacher_stage.key, "traj_amp": self.s["amp"],
-                                                                **{k: self.s[k] for k in traj_keys}})
+        traj_payload = {"teacher": self.teacher_stage.key, "traj_amp": self.s["amp"], **{k: self.s[k] for k in TRAJ_KEYS}}
+        if self.s["traj_from"] is not None:
+            traj_payload["from"] = self._store_hash(traj_payload)
+        self.traj_stage = self.stage("trajectories", traj_payload)
         self._teacher = None
         self._trajectories = None
 
@@ -162,6 +167,33 @@ class Run:
         if not (Path(source) / CHECKPOINT).exists():
             raise FileNotFoundError(f"{setting}: no {CHECKPOINT} in {source} (a finished training run directory)")
         return sha256_file(Path(source) / CHECKPOINT)
+
+    def _store_hash(self, payload: dict[str, Any]) -> str:
+        """The identity of the finished trajectory stage named by ``traj_from`` (the hash of the
+        SHA-256s its ``done.json`` holds: every manifest, hence every shard); raises unless it was
+        sampled with this run's settings (``payload``; its teacher is checked when it is opened)."""
+        source = Path(self.s["traj_from"])
+        if not (source / "done.json").is_file() or not (source / "cache").is_dir():
+            raise FileNotFoundError(f"traj_from: {source} is not a finished trajectory stage "
+                                    "(a RUN_DIR/trajectories-KEY directory with done.json and cache/)")
+        theirs = json.loads((source / "settings.json").read_text())
+        differ = [f"{k}={theirs.get(k)!r} (this run {payload[k]!r})" for k in (*TRAJ_KEYS, "traj_amp")
+                  if theirs.get(k) != payload[k]]
+        if differ:
+            raise ValueError(f"traj_from: {source} was sampled with other settings: {', '.join(differ)}")
+        return _key(json.loads((source / "done.json").read_text())["artefacts"])
+
+    def _copy_store(self, source: Path, d: Path) -> None:
+        """Copy a finished trajectory stage's cache into stage directory ``d`` (whole, then renamed)."""
+        import shutil
+
+        if distributed.is_main():
+            tmp = d / ".cache.tmp"
+            for stale in (tmp, d / "cache"):  # left by an interrupted or refused copy
+                shutil.rmtree(stale, ignore_errors=True)
+            shutil.copytree(source / "cache", tmp)
+            tmp.replace(d / "cache")
+        distributed.barrier()
 
     def _copy_run(self, source: Path, d: Path) -> dict[str, Any]:
         """Take a finished training run's checkpoints and metrics into a stage directory."""
@@ -259,7 +291,7 @@ class Run:
     def sample(self) -> dict[str, Any]:
         from cdeq.consistency import sample_trajectories
 
-        def fn(d: Path) -> dict[str, Any]:
+        def _sample(d: Path) -> None:
             from cdeq.consistency.sharded import part_dir, write_parts
 
             world, rank = distributed.world_size(), distributed.rank()
@@ -275,7 +307,13 @@ class Run:
             if world > 1 and distributed.is_main():
                 write_parts(d / "cache", world)
             distributed.barrier()
-            traj = self.trajectories()
+
+        def fn(d: Path) -> dict[str, Any]:
+            if self.s["traj_from"] is not None:
+                self._copy_store(Path(self.s["traj_from"]), d)
+            else:
+                _sample(d)
+            traj = self.trajectories()  # raises if the store's teacher is not this run's
             final = float(torch.cat([traj.residuals(i)[:, -1].float() for i in range(traj.num_shards)]).mean())
             return {"items": len(traj), "K": traj.steps, "final_rel_residual": final}
         return self.traj_stage.run(fn)
