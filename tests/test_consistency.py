@@ -57,7 +57,7 @@ def test_schedule_rejects_bad_values():
 
 def test_student_starts_as_teacher_and_meets_boundary_condition():
     teacher = ToyDEQ()
-    student = ConsistencyDEQ(teacher, eps=0.01, T=1.0)
+    student = ConsistencyDEQ(teacher, schedule=TimeSchedule(eps=0.01, T=1.0))
     x = torch.randn(5, 8)
     u = student.inject(x)
     z = torch.randn(5, 32)
@@ -174,9 +174,14 @@ def test_fused_inference_falls_back_to_eager_when_it_cannot_compile(monkeypatch)
     assert not student.fused and torch.equal(out, eager)
 
 
+def test_schedule_must_be_a_time_schedule():
+    with pytest.raises(TypeError, match="schedule: expected a TimeSchedule"):
+        ConsistencyDEQ(ToyDEQ(), schedule={"eps": 0.05})
+
+
 def test_nfe1_is_h_at_z0_and_custom_schedule():
     teacher = ToyDEQ()
-    student = ConsistencyDEQ(teacher, eps=0.05)
+    student = ConsistencyDEQ(teacher, schedule=TimeSchedule(eps=0.05))
     x = torch.randn(4, 8)
     with torch.no_grad():
         u = teacher.inject(x)

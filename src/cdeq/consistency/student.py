@@ -226,8 +226,8 @@ class ConsistencyDEQ(nn.Module):
         teacher: the trained DEQ; it is copied twice (a frozen copy for the readout and the hash
             check, a trainable copy for f') and never changed.
         structure: ``"anderson"`` (Eq. 7) or ``"plain"`` (P = h, the ablation without AA).
-        gamma, eps, T, rho, beta: the :class:`TimeSchedule` (Eq. 5, Eq. 6, Appendix B.3);
-            ``beta=None`` aligns inference with training times (beta = e^{-rho}).
+        schedule: the times of Eq. 5-6 and Appendix B.3 (:class:`TimeSchedule`: eps, T, gamma,
+            rho, beta; ``beta=None`` aligns inference with training times, beta = e^{-rho}).
         beta_aa: the damping of the Anderson step (beta of Eq. 4), in (0, 1].
         aa_lam: the ridge of the two-term least squares (relative to the residuals' norms).
         init: where inference starts: ``"zeros"`` the teacher's z_0 (the paper), or a learned
@@ -242,10 +242,9 @@ class ConsistencyDEQ(nn.Module):
             and ``train_direct`` do so before making their optimiser) or by ``load_state_dict``.
     """
 
-    def __init__(self, teacher: nn.Module, *, structure: str = "anderson", gamma: float = 1.0, eps: float = 0.01,
-                 T: float = 1.0, rho: float = 0.25, beta: Optional[float] = None, beta_aa: float = 1.0,
-                 aa_lam: float = 1e-4, init: str = "zeros", init_hidden: int = 64, proj_rank: Optional[int] = None,
-                 example: Any = None) -> None:
+    def __init__(self, teacher: nn.Module, *, structure: str = "anderson", schedule: Optional[TimeSchedule] = None,
+                 beta_aa: float = 1.0, aa_lam: float = 1e-4, init: str = "zeros", init_hidden: int = 64,
+                 proj_rank: Optional[int] = None, example: Any = None) -> None:
         super().__init__()
         from cdeq.norm import remove_norm, reset_norm
 
@@ -263,7 +262,9 @@ class ConsistencyDEQ(nn.Module):
             if not callable(getattr(teacher, name, None)):
                 raise TypeError(f"teacher: expected a DEQModel with inject/layer/readout/init_state, missing {name}")
         self.structure, self.beta_aa, self.aa_lam = structure, float(beta_aa), float(aa_lam)
-        self.schedule = TimeSchedule(eps=eps, T=T, gamma=gamma, rho=rho, beta=beta)
+        if schedule is not None and not isinstance(schedule, TimeSchedule):
+            raise TypeError(f"schedule: expected a TimeSchedule (or None: its defaults), got {type(schedule).__name__}")
+        self.schedule = schedule or TimeSchedule()
         self.feature_dim = teacher_feature_dim(teacher)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
         reset_norm(self.teacher)

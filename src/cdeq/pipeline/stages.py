@@ -28,6 +28,18 @@ TRAJ_KEYS = ("traj_steps", "traj_batches", "traj_batch_size", "traj_dtype", "p_a
              "traj_keep")
 
 
+TIMEMAP = ("gamma", "eps", "T", "rho", "beta")  # the TimeSchedule settings (Eq. 5-6, B.3), flat in stage keys
+
+
+def student_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """:class:`~cdeq.consistency.ConsistencyDEQ` keyword arguments from flat student options (the
+    time settings gathered into its ``schedule``)."""
+    from cdeq.consistency import TimeSchedule
+
+    rest = {k: v for k, v in options.items() if k not in TIMEMAP}
+    return {**rest, "schedule": TimeSchedule(**{k: options[k] for k in TIMEMAP})}
+
+
 def _key(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -251,14 +263,11 @@ class Run:
         return OnlineTeacher(self.teacher(), steps=self.s["traj_steps"], solver_options={"m": self.s["anderson_m"]},
                              amp=self.s["amp"])
 
-    def timemap(self) -> dict[str, Any]:
-        return {k: self.s[k] for k in ("gamma", "eps", "T", "rho", "beta")}
-
     def student_options(self) -> dict[str, Any]:
         """ConsistencyDEQ options of the students and the direct baseline (also their stage keys);
         ``proj_rank`` only when set, so runs with the full W keep the keys they had."""
         rank = self.s["student_proj_rank"]
-        return {**self.timemap(), "init": self.s["student_init"], **({} if rank is None else {"proj_rank": rank})}
+        return {**{k: self.s[k] for k in TIMEMAP}, "init": self.s["student_init"], **({} if rank is None else {"proj_rank": rank})}
 
     # -- stages ---------------------------------------------------------------------------------------
     def train_teacher(self) -> dict[str, Any]:
@@ -324,13 +333,13 @@ class Run:
         from cdeq.consistency import ConsistencyDEQ, distill, equilibrium_error
 
         config = distill_config({**self.s, **{k: v for k, v in changes.items() if k in self.s}}, self.config.seed)
-        options = {**self.student_options(), **{k: v for k, v in changes.items() if k in self.timemap()}}
+        options = {**self.student_options(), **{k: v for k, v in changes.items() if k in TIMEMAP}}
         stage = self.stage(name or ("cdeq" if structure == "anderson" else "cdeq-plain"),
                       {"trajectories": self.traj_stage.key, "structure": structure, **options,
                        **self.config_key(config)}, kind="student")
         teacher = self.teacher()
         torch.manual_seed(self.config.seed)  # the stage's model does not depend on what ran before it
-        student = ConsistencyDEQ(teacher, structure=structure, **options).to(self.device)
+        student = ConsistencyDEQ(teacher, structure=structure, **student_kwargs(options)).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
             distill(student, self.trajectories(), config, run_dir=d, device=self.device, online=self.online_teacher())
@@ -371,7 +380,7 @@ class Run:
                                                        **self.config_key(config)}, kind="direct")
         teacher = self.teacher()
         torch.manual_seed(self.config.seed)
-        model = ConsistencyDEQ(teacher, structure="anderson", **self.student_options()).to(self.device)
+        model = ConsistencyDEQ(teacher, structure="anderson", **student_kwargs(self.student_options())).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
             history = train_direct(model, self.trajectories(), config, run_dir=d, device=self.device)
