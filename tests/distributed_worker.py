@@ -4,7 +4,8 @@ Usage: distributed_worker.py MODE WORKDIR [--kill-at STEP]
 - curve: distil the toy student on WORKDIR/traj for 20 steps; the main rank writes the loss curve
   and the final weights to WORKDIR/curve-<world>.pt;
 - sample: sample the toy trajectories sharded by rank into WORKDIR/sharded-<world>;
-- resume: distil with checkpoints in WORKDIR/run; with --kill-at, rank 1 kills itself at that step.
+- resume: distil with checkpoints in WORKDIR/run; with --kill-at, rank 1 kills itself at that step;
+- hyperdeq: train HyperDEQ on WORKDIR/traj for 20 steps; the main rank writes WORKDIR/hyperdeq-<world>.pt.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ToyDEQ, toy_batches  # noqa: E402
 
 from cdeq import distributed  # noqa: E402
-from cdeq.consistency import ConsistencyDEQ, DistillConfig, Trajectories, distill, sample_trajectories  # noqa: E402
+from cdeq.baselines import HyperDEQ, train_hyperdeq  # noqa: E402
+from cdeq.consistency import (ConsistencyDEQ, DistillConfig, HyperDEQConfig, Trajectories, distill,  # noqa: E402
+                              sample_trajectories)
 from cdeq.consistency.sharded import open_trajectories, part_dir, write_parts  # noqa: E402
 from cdeq.io import save_checkpoint  # noqa: E402
 
@@ -34,6 +37,17 @@ def curve(work: Path) -> None:
         save_checkpoint(work / f"curve-{distributed.world_size()}.pt",
                         {"loss": torch.tensor([h["loss"] for h in history], dtype=torch.float64),
                          "model": student.state_dict()})
+
+
+def hyperdeq(work: Path) -> None:
+    torch.manual_seed(0)
+    hyper = HyperDEQ(ToyDEQ(), m=3)
+    config = HyperDEQConfig(steps=20, batch_size=16, log_every=1, train_nfe=3)
+    history = train_hyperdeq(hyper, Trajectories.open(work / "traj"), config, progress=False)
+    if distributed.is_main():
+        save_checkpoint(work / f"hyperdeq-{distributed.world_size()}.pt",
+                        {"loss": torch.tensor([h["loss"] for h in history], dtype=torch.float64),
+                         "model": hyper.state_dict()})
 
 
 def sample(work: Path) -> None:
@@ -70,4 +84,5 @@ if __name__ == "__main__":
     distributed.init("cpu")
     mode, work = sys.argv[1], Path(sys.argv[2])
     kill = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--kill-at" else None
-    {"curve": lambda: curve(work), "sample": lambda: sample(work), "resume": lambda: resume(work, kill)}[mode]()
+    {"curve": lambda: curve(work), "sample": lambda: sample(work), "resume": lambda: resume(work, kill),
+     "hyperdeq": lambda: hyperdeq(work)}[mode]()

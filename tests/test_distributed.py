@@ -49,6 +49,19 @@ def test_two_ranks_with_half_batches_give_the_one_rank_loss_curve(work):
         assert torch.allclose(two["model"][name], p, rtol=1e-4, atol=1e-6), name
 
 
+def test_two_ranks_train_hyperdeq_as_one(work):
+    """HyperDEQ's loss divides by the mean square of the global batch's z* (not each rank's half),
+    so two ranks with half batches follow the one-rank loss curve to rounding."""
+    for ranks in (1, 2):
+        done = launch(ranks, "hyperdeq", str(work))
+        assert done.returncode == 0, done.stdout + done.stderr
+    one, two = (load_checkpoint(work / f"hyperdeq-{r}.pt") for r in (1, 2))
+    assert len(one["loss"]) == 20
+    assert torch.allclose(two["loss"], one["loss"], rtol=1e-5, atol=0), (one["loss"], two["loss"])
+    for name, p in one["model"].items():
+        assert torch.allclose(two["model"][name], p, rtol=1e-4, atol=1e-6), name
+
+
 def test_sampling_sharded_over_two_ranks_writes_the_one_rank_states(work):
     for ranks in (1, 2):
         done = launch(ranks, "sample", str(work))

@@ -158,15 +158,17 @@ class HyperDEQ(nn.Module):
 
 class HyperDEQLoss(nn.Module):
     """``init_weight * d(z_0, z*) + mean_{k=1..train_nfe} d(z_k, z*)`` over the unrolled learned
-    solver, d the MSE divided by the batch's mean square of z*; a batch is ``(x, z*)``."""
+    solver, d the MSE divided by the batch's mean square of z*; a batch is ``(x, z*, scale)``, with
+    ``scale`` that mean square over the whole batch when ranks hold parts of it (None: this part's)."""
 
     def __init__(self, hyper: HyperDEQ, config: HyperDEQConfig) -> None:
         super().__init__()
         self.hyper, self.config = hyper, config
 
-    def forward(self, batch: tuple[Any, State]) -> tuple[Tensor, dict[str, Tensor]]:
-        x, z_star = batch
-        scale = float(mean_square(z_star))
+    def forward(self, batch: tuple[Any, State, Optional[float]]) -> tuple[Tensor, dict[str, Tensor]]:
+        x, z_star, scale = batch
+        if scale is None:
+            scale = float(mean_square(z_star))
         zs = self.hyper.iterates(x, self.config.train_nfe)
         l_init = state_distance(zs[0], z_star, scale=scale)
         l_iter = torch.stack([state_distance(z, z_star, scale=scale) for z in zs[1:]]).mean()
@@ -183,11 +185,12 @@ def train_hyperdeq(hyper: HyperDEQ, trajectories: Trajectories, config: HyperDEQ
     dev = prepare(hyper, trajectories, device)
     K = trajectories.steps
 
-    def draw(gen: torch.Generator) -> tuple[Any, State]:
+    def draw(gen: torch.Generator) -> tuple[Any, State, float]:
         shard, rows = trajectories.sample(config.batch_size, gen)
+        scale = float(mean_square(trajectories.states(shard, rows, K, augmented=False)))  # the global batch's, as in distill
         rows = distributed.local_rows(rows)
         return (to_device(trajectories.inputs(shard, rows), dev),
-                to_device(trajectories.states(shard, rows, K, augmented=False), dev))
+                to_device(trajectories.states(shard, rows, K, augmented=False), dev), scale)
 
     loss = HyperDEQLoss(hyper, config)
     meta = {"teacher_hash": trajectories.meta["teacher_hash"], "m": hyper.m, "tau": hyper.tau}

@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
+from cdeq import distributed
 from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, human_bytes,
                                     kept_states, store_bytes)
 from cdeq.io import ArtefactWarning, CorruptArtefactError, atomic_write_bytes, atomic_write_json, sha256_file
@@ -630,7 +631,8 @@ class _Sampling:
         s = self.settings
         states = kept_states(s["store"], s["steps"], s["keep"])
         on_disk = sum(p.stat().st_size for p in self.root.glob("shard-*.safetensors"))
-        print(f"[trajectories] store {s['store']!r}: {what} x {states} states per item, about {human_bytes(size)} "
+        whose = f"rank {distributed.rank()}'s part of the " if distributed.world_size() > 1 else ""
+        print(f"[trajectories] {whose}store {s['store']!r}: {what} x {states} states per item, about {human_bytes(size)} "
               f"({size} bytes; {human_bytes(on_disk)} already on disk) at {self.root}", flush=True)
         _refuse_if_full(self.root, max(size - on_disk, 0), f"the {s['store']!r} store")
 
