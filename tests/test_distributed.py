@@ -35,31 +35,29 @@ def work(tmp_path_factory):
     return work
 
 
-def test_two_ranks_with_half_batches_give_the_one_rank_loss_curve(work):
-    """The global batch is drawn on every rank from the step's generator and split, the distances'
-    scale is the global batch's, and DDP averages the gradients of equal halves: with the terms that
-    are means over rows (global, rollout, anchor) the two runs agree to rounding."""
+def assert_two_ranks_train_as_one(work: Path, mode: str) -> None:
+    """The worker's ``mode`` under one rank and two: the same 20-step loss curve and final weights."""
     for ranks in (1, 2):
-        done = launch(ranks, "curve", str(work))
+        done = launch(ranks, mode, str(work))
         assert done.returncode == 0, done.stdout + done.stderr
-    one, two = (load_checkpoint(work / f"curve-{r}.pt") for r in (1, 2))
+    one, two = (load_checkpoint(work / f"{mode}-{r}.pt") for r in (1, 2))
     assert len(one["loss"]) == 20
     assert torch.allclose(two["loss"], one["loss"], rtol=1e-5, atol=0), (one["loss"], two["loss"])
     for name, p in one["model"].items():
         assert torch.allclose(two["model"][name], p, rtol=1e-4, atol=1e-6), name
+
+
+def test_two_ranks_with_half_batches_give_the_one_rank_loss_curve(work):
+    """The global batch is drawn on every rank from the step's generator and split, the distances'
+    scale is the global batch's, and DDP averages the gradients of equal halves: with the terms that
+    are means over rows (global, rollout, anchor) the two runs agree to rounding."""
+    assert_two_ranks_train_as_one(work, "curve")
 
 
 def test_two_ranks_train_hyperdeq_as_one(work):
     """HyperDEQ's loss divides by the mean square of the global batch's z* (not each rank's half),
     so two ranks with half batches follow the one-rank loss curve to rounding."""
-    for ranks in (1, 2):
-        done = launch(ranks, "hyperdeq", str(work))
-        assert done.returncode == 0, done.stdout + done.stderr
-    one, two = (load_checkpoint(work / f"hyperdeq-{r}.pt") for r in (1, 2))
-    assert len(one["loss"]) == 20
-    assert torch.allclose(two["loss"], one["loss"], rtol=1e-5, atol=0), (one["loss"], two["loss"])
-    for name, p in one["model"].items():
-        assert torch.allclose(two["model"][name], p, rtol=1e-4, atol=1e-6), name
+    assert_two_ranks_train_as_one(work, "hyperdeq")
 
 
 def test_sampling_sharded_over_two_ranks_writes_the_one_rank_states(work):
