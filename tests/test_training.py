@@ -89,10 +89,11 @@ def test_fit_trains_and_writes_checkpoint_and_metrics(tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kill_at", [5, 7])  # mid-epoch and right after an epoch boundary
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, kill_at):
+# mid-epoch, right after an epoch boundary, and with a checkpoint inside a history entry's window
+@pytest.mark.parametrize("kill_at, log_every", [(5, 1), (7, 1), (5, 3)])
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, kill_at, log_every):
     make, batches = _problem()
-    cfg = OptimConfig(steps=10, lr=1e-2, warmup=2, checkpoint_every=2, log_every=1)
+    cfg = OptimConfig(steps=10, lr=1e-2, warmup=2, checkpoint_every=2, log_every=log_every)
     straight = make()
     fit(straight, _loss(), batches, cfg, tmp_path / "a")
 

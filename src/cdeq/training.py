@@ -210,6 +210,7 @@ class TrainLoop:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = self.epoch = self.offset = 0
         self.history: list[dict[str, Any]] = []
+        self.window: dict[str, Any] = {"sums": {}, "count": 0}  # the loss terms since the last history entry
         self.best: Optional[dict[str, float]] = None
         self.elapsed = 0.0
 
@@ -237,6 +238,7 @@ class TrainLoop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step, self.epoch, self.offset = ckpt["step"], ckpt["epoch"], ckpt["offset"]
         self.history, self.best, self.elapsed = ckpt["history"], ckpt["best"], ckpt["elapsed"]
+        self.window = ckpt.get("log_window", {"sums": {}, "count": 0})  # older checkpoints: the window restarts
         ranks = ckpt.get("rng_ranks")
         restore_random_state(ranks[distributed.rank()] if ranks and len(ranks) == distributed.world_size()
                              else ckpt["rng"])
@@ -251,7 +253,7 @@ class TrainLoop:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "epoch": self.epoch, "offset": self.offset, "rng": ranks[0], "config": self._config(),
                 "history": self.history, "best": self.best, "elapsed": self.elapsed + time.time() - started,
-                "meta": self.meta, **({"rng_ranks": ranks} if len(ranks) > 1 else {})})
+                "log_window": self.window, "meta": self.meta, **({"rng_ranks": ranks} if len(ranks) > 1 else {})})
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self, batch: Any) -> dict[str, float]:
@@ -311,20 +313,21 @@ class TrainLoop:
         return self._finish(started)
 
     def _loop(self, bar: tqdm, started: float, stop: threading.Event) -> None:
-        sums: dict[str, float] = {}
-        count = 0
         while self.step < self.cfg.steps:
             for batch in self.batches(self.epoch, self.offset):
                 logs = self.train_step(batch)
-                self.step, self.offset, count = self.step + 1, self.offset + 1, count + 1
+                self.step, self.offset = self.step + 1, self.offset + 1
+                sums = self.window["sums"]
                 for key, value in logs.items():
                     sums[key] = sums.get(key, 0.0) + value
+                self.window["count"] += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    count = self.window["count"]
                     self.history.append({"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                                          **mean_over_ranks({k: v / count for k, v in sums.items()})})
                     bar.set_postfix(loss=f"{self.history[-1]['loss']:.4g}")
-                    sums, count = {}, 0
+                    self.window = {"sums": {}, "count": 0}
                 if self.evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 \
                         and self.step < self.cfg.steps:
                     self.validate()
