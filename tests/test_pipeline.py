@@ -188,6 +188,18 @@ def test_a_trajectory_stage_of_another_teacher_is_refused(tiny_run, tmp_path):
         run.sample()
 
 
+@cora_present
+def test_the_trajectory_stage_announces_the_whole_store_before_sampling(tiny_run, tmp_path, capsys):
+    out, config, _ = tiny_run
+    teacher_dir, = out.glob("teacher-*")
+    run = pipeline.Run(pipeline.PipelineConfig(task="cora", preset="tiny", out=str(tmp_path / "run"),
+                                               settings={"teacher_from": str(teacher_dir), "traj_steps": 3}))
+    run.train_teacher()
+    run.sample()
+    printed = capsys.readouterr().out
+    assert "store 'full': 1 items x 4 states per item" in printed and "unknown" not in printed
+
+
 def test_unknown_ablation_grid_is_named(tmp_path):
     config = pipeline.PipelineConfig(task="cora", preset="tiny", out=str(tmp_path / "run"), command="test")
     with pytest.raises(ValueError, match="grid: expected one of .*warmstart.*'nope'"):

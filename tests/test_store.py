@@ -209,6 +209,16 @@ def test_a_store_larger_than_the_free_disk_space_is_refused(tmp_path, monkeypatc
     with pytest.raises(OSError, match="the next shard needs about"):  # item count unknown: checked per shard
         _sample(teacher, iter(batches), cache_dir=stream)
     assert len(list((tmp_path / "stream").glob("shard-*"))) == 1
+    counted = tmp_path / "counted"  # a generator whose item count is given: refused as a whole, before sampling
+    with pytest.raises(OSError, match="the 'full' store needs about"):
+        _sample(teacher, iter(batches), cache_dir=counted, items=32)
+    assert not list(counted.glob("shard-*"))
+
+
+def test_the_item_count_is_checked():
+    teacher = ToyDEQ()
+    with pytest.raises(ValueError, match="items: expected an integer >= 1, got 0"):
+        _sample(teacher, iter(toy_batches(teacher, n=16, batch=16)), items=0)
 
 
 def test_store_bytes_and_the_storage_table_at_the_papers_scale():

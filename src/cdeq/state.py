@@ -22,6 +22,12 @@ def as_tuple(z: State) -> tuple[Tensor, ...]:
     return tuple(z) if isinstance(z, (tuple, list)) else (z,)
 
 
+def batch_items(x: State) -> int:
+    """The items in a batch: the first dimension of its (first) tensor, 1 for a 0-d one."""
+    first = as_tuple(x)[0]
+    return first.shape[0] if first.dim() else 1
+
+
 def map_state(fn: Callable[..., Tensor], *states: State) -> State:
     """Apply ``fn`` part by part to states of the same structure, keeping that structure."""
     if isinstance(states[0], (tuple, list)):

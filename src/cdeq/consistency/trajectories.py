@@ -43,11 +43,12 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
 from cdeq import distributed
+from cdeq.config import check_int
 from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, human_bytes,
                                     kept_states, store_bytes)
 from cdeq.io import ArtefactWarning, CorruptArtefactError, atomic_write_bytes, atomic_write_json, sha256_file
 from cdeq.precision import amp_layers, check_amp
-from cdeq.state import State, StateLayout, as_tuple, map_state
+from cdeq.state import State, StateLayout, as_tuple, batch_items, map_state
 
 FORMAT_VERSION = 2  # 2: input keys and shard digests in the manifest
 SUBSET_FORMAT = 3  # 3: a subset store (kept steps per item); older readers refuse it
@@ -448,6 +449,7 @@ def sample_trajectories(
     cache_dir: Optional[str | Path] = None,
     seed: int = 0,
     storage: Optional[Storage] = None,
+    items: Optional[int] = None,
 ) -> Trajectories:
     """Run the teacher's solver for ``steps`` = K steps per input batch and cache z_0..z_K (Alg. 4).
 
@@ -466,6 +468,8 @@ def sample_trajectories(
             ValueError; damaged shards are named (:class:`~cdeq.io.ArtefactWarning`) and resampled.
         seed: seeds the Gaussian z_0, the augmentation masks and a subset store's kept steps.
         storage: what is stored and how (:class:`Storage`: full or subset, dtype, bf16 autocast).
+        items: how many items ``inputs`` gives, for the size estimate where it cannot be read from
+            ``inputs`` (a generator); None reads it from a DataLoader or a list of batches.
 
     Prints the store's size (:func:`~cdeq.consistency.store.store_bytes`) before the first shard is
     sampled and raises OSError (ENOSPC) naming the bytes needed and free when it does not fit.
@@ -477,6 +481,8 @@ def sample_trajectories(
     store, keep, dtype, amp = storage.kind, storage.keep, storage.dtype, storage.amp
     _check_sampling_args(steps, z0, p_aug, k_min, k_tail, dtype)
     _check_store(store, steps, keep)
+    if items is not None:
+        check_int("items", items, 1)
     _warn_if_shuffled(inputs)
     solver_options = dict(solver_options or {})
     root, tmp = _cache_root(cache_dir)
@@ -489,7 +495,7 @@ def sample_trajectories(
                 "amp": check_amp(amp, next((p.device for p in teacher.parameters()), torch.device("cpu")))}
     store_dtype = STORAGE_DTYPES[dtype] if (dtype is None or isinstance(dtype, str)) else dtype
     sampling = _Sampling(teacher, root, settings, _resumable_meta(root, settings), store_dtype,
-                         _planned_items(inputs))
+                         _planned_items(inputs) if items is None else items)
     for index, batch in enumerate(inputs):
         sampling.add(index, batch)
     traj = Trajectories(root, sampling.finish(), tmp)
@@ -617,7 +623,7 @@ class _Sampling:
     def _check_space(self, x: Any, y: Optional[Tensor]) -> None:
         """Before the first shard to sample: print the store's size and refuse it when it exceeds the
         free space of the folder; before every later one, refuse a shard that does not fit."""
-        items = as_tuple(x)[0].shape[0] if as_tuple(x)[0].dim() else 1
+        items = batch_items(x)
         if self._item_size is not None:
             _refuse_if_full(self.root, self._size(items, 1), "the next shard")
             return
@@ -686,8 +692,7 @@ def _planned_items(inputs: Iterable[Any]) -> Optional[int]:
 
 
 def _batch_items(batch: Any, index: int) -> int:
-    first = as_tuple(_split_batch(batch, index)[0])[0]
-    return first.shape[0] if first.dim() else 1
+    return batch_items(_split_batch(batch, index)[0])
 
 
 def _item_size(model: nn.Module, x: Any, y: Optional[Tensor], store_dtype: Optional[torch.dtype]

@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
@@ -16,7 +16,7 @@ from cdeq.io import (atomic_write_json, hash_artefacts, list_artefacts, load_che
                      verify_artefacts)
 from cdeq.measure import git_commit
 from cdeq.pipeline.settings import STAGE_VERSION, PipelineConfig, distill_config
-from cdeq.state import to_device
+from cdeq.state import batch_items, to_device
 from cdeq.training import BEST, CHECKPOINT, METRICS
 
 if TYPE_CHECKING:
@@ -304,14 +304,16 @@ class Run:
             from cdeq.consistency.sharded import part_dir, write_parts
 
             world, rank = distributed.world_size(), distributed.rank()
-            batches = self.task.batches("train", batch_size=self.s["traj_batch_size"], shuffle=True,
-                                        limit=self.s["traj_batches"], seed=self.config.seed)
-            mine = ((to_device(x, self.device), y) for i, (x, y) in enumerate(batches) if i % world == rank)
-            sample_trajectories(self.teacher(), mine, steps=self.s["traj_steps"], solver="anderson",
-                                solver_options={"m": self.s["anderson_m"]}, p_aug=self.s["p_aug"],
-                                cache_dir=part_dir(d / "cache", world, rank),
-                                seed=self.config.seed,
-                                storage=self.storage())
+
+            def batches() -> Iterator[tuple[int, Any]]:
+                every = self.task.batches("train", batch_size=self.s["traj_batch_size"], shuffle=True,
+                                          limit=self.s["traj_batches"], seed=self.config.seed)
+                return ((x, y) for i, (x, y) in enumerate(every) if i % world == rank)
+            items = sum(batch_items(x) for x, _ in batches())  # for the store's size, before any solve
+            sample_trajectories(self.teacher(), ((to_device(x, self.device), y) for x, y in batches()),
+                                steps=self.s["traj_steps"], solver="anderson", solver_options={"m": self.s["anderson_m"]},
+                                p_aug=self.s["p_aug"], cache_dir=part_dir(d / "cache", world, rank),
+                                seed=self.config.seed, storage=self.storage(), items=items)
             distributed.barrier()
             if world > 1 and distributed.is_main():
                 write_parts(d / "cache", world)
