@@ -335,9 +335,9 @@ class TrainLoop:
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or stopping:
                     self.save(started)
                 if stopping:
-                    where = f"; its checkpoint is in {self.run_dir}" if self.run_dir is not None else ""
-                    raise Interrupted(f"{self.name}: stopped at step {self.step}{where}; rerun the same command "
-                                      "to resume")
+                    where = (f"; its checkpoint is in {self.run_dir}, from which the same training resumes"
+                             if self.run_dir is not None else " (no run_dir: nothing was saved)")
+                    raise Interrupted(f"{self.name}: stopped at step {self.step}{where}")
                 if self.step >= self.cfg.steps:
                     break
             else:
