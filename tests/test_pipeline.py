@@ -200,6 +200,34 @@ def test_the_trajectory_stage_announces_the_whole_store_before_sampling(tiny_run
     assert "store 'full': 1 items x 4 states per item" in printed and "unknown" not in printed
 
 
+@cora_present
+def test_a_killed_evaluation_resumes_at_its_first_unfinished_row(tiny_run, monkeypatch):
+    out, config, table = tiny_run
+    eval_dir = max(out.glob("eval-*"), key=lambda d: d.stat().st_mtime)  # the latest run's
+    names = {p.name for p in eval_dir.glob("*.json")}
+    assert {"cdeq-nfe1.json", "cdeq+anderson-nfe2.json", "explicit.json", "to-tolerance.json",
+            "teacher-converged.json"} <= names
+    (eval_dir / "cdeq-nfe2.json").unlink()  # not reached before the kill
+    (eval_dir / "hyperdeq-nfe1.json").write_text('{"method": "hyper')  # cut short
+    from cdeq.pipeline import evaluate
+    computed, real = [], evaluate.evaluate_method
+    monkeypatch.setattr(evaluate, "evaluate_method",
+                        lambda run, name, method, k, *a, **kw: computed.append((name, k)) or real(run, name, method, k, *a, **kw))
+    again = pipeline.run_pipeline(config, figures=False)
+    assert sorted(computed) == [("cdeq", 2), ("hyperdeq", 1)]
+    assert [(r["method"], r["nfe"], r["value"]) for r in again["rows"]] == \
+        [(r["method"], r["nfe"], r["value"]) for r in table["rows"]]
+    assert again["to_tolerance"] == json.loads(json.dumps(table["to_tolerance"]))
+    # A stage computed again (its done marker dropped) writes new files: the evaluation starts over.
+    distilled = next(d for d in student_dirs(out) if json.loads((d / "settings.json").read_text())["lambda_task"]
+                     == config.settings["lambda_task"])
+    (distilled / "done.json").unlink()
+    computed.clear()
+    caches = len(list(out.glob("eval-*")))
+    pipeline.run_pipeline(config, figures=False)
+    assert len(computed) == len(table["rows"]) - 1 and len(list(out.glob("eval-*"))) == caches + 1  # all but explicit's
+
+
 def test_unknown_ablation_grid_is_named(tmp_path):
     config = pipeline.PipelineConfig(task="cora", preset="tiny", out=str(tmp_path / "run"), command="test")
     with pytest.raises(ValueError, match="grid: expected one of .*warmstart.*'nope'"):

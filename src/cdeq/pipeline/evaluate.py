@@ -15,7 +15,7 @@ from cdeq.state import State, batch_norm2, to_device
 
 if TYPE_CHECKING:
     from cdeq.consistency import ConsistencyDEQ
-    from cdeq.pipeline.stages import Run
+    from cdeq.pipeline.stages import RowCache, Run
 
 
 class Method(Protocol):
@@ -106,10 +106,14 @@ def pooled_mean(values: list[Tensor]) -> float:
     return total / count if count else float("nan")
 
 
-def evaluate_grid(run: "Run", methods: dict[str, tuple[Method, list[int], int]]) -> list[dict[str, Any]]:
-    """Rows of every ``name: (method, budgets, params)`` at each of its budgets."""
-    return [evaluate_method(run, name, method, k, params) for name, (method, budgets, params) in methods.items()
-            for k in budgets]
+def evaluate_grid(run: "Run", methods: dict[str, tuple[Method, list[int], int]],
+                  rows: Optional["RowCache"] = None) -> list[dict[str, Any]]:
+    """Rows of every ``name: (method, budgets, params)`` at each of its budgets, each taken from
+    ``rows`` where an earlier run of the same evaluation finished it."""
+    def one(name: str, method: Method, k: int, params: int) -> dict[str, Any]:
+        compute = lambda: evaluate_method(run, name, method, k, params)  # noqa: E731
+        return compute() if rows is None else rows.row(f"{name}-nfe{k}", compute)
+    return [one(name, method, k, params) for name, (method, budgets, params) in methods.items() for k in budgets]
 
 
 def latency(run: "Run", student: "ConsistencyDEQ", budgets: list[int]) -> dict[str, dict[str, float]]:

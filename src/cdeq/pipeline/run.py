@@ -62,17 +62,19 @@ def _run_pipeline(config: PipelineConfig, figures: bool) -> dict[str, Any]:
         "cdeq-plain": (plain_student, past, trained(plain_student)),
         "direct": (PerBudget(directs), nfes, trained(directs[nfes[0]])),
     }
-    rows = evaluate_grid(run, methods)
-    rows.append(evaluate_method(run, "explicit", None, None, param_count(explicit), logits=explicit))
+    cache = run.eval_rows()  # a killed evaluation resumes at its first unfinished row
+    rows = evaluate_grid(run, methods, cache)
+    rows.append(cache.row("explicit", lambda: evaluate_method(run, "explicit", None, None, param_count(explicit),
+                                                              logits=explicit)))
     table = {
         "task": config.task, "command": config.command, "device": device_name(run.device), "commit": run.commit,
-        "seed": config.seed, "preset": config.preset, "teacher_converged": converged_teacher(run),
+        "seed": config.seed, "preset": config.preset, "teacher_converged": cache.row("teacher-converged", lambda: converged_teacher(run)),
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
         "latency": latency(run, cdeq_student, nfes) if distributed.is_main() else None,
         "latency_ratio": LATENCY_RATIO,
         "stage_commits": run.stage_commits(),
         "rows": rows,
-        "to_tolerance": nfe_to_tolerance(run, cdeq_student),
+        "to_tolerance": cache.row("to-tolerance", lambda: nfe_to_tolerance(run, cdeq_student)),
     }
     if distributed.is_main():
         write_report(run.run_dir, table, figures=figures)

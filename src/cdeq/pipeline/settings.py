@@ -93,7 +93,7 @@ TASK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 
 # Bumped when a stage's code changes what it computes, so run directories of older code recompute it.
 STAGE_VERSION: dict[str, int] = {"teacher": 2, "explicit": 2, "trajectories": 2, "student": 2, "hyperdeq": 2,
-                                 "direct": 2}
+                                 "direct": 2, "evaluation": 1}
 
 
 def distill_config(s: dict[str, Any], seed: int) -> "DistillConfig":

@@ -109,6 +109,34 @@ class Stage:
         return summary
 
 
+class RowCache:
+    """The finished rows of a run's evaluation, ``RUN_DIR/eval-<key>/<row>.json``, so that an
+    evaluation killed part-way resumes at the first row it had not finished. The key hashes every
+    stage's key and the settings the evaluation reads; a row keeps the times measured when it was
+    computed. A row file that does not parse is computed again."""
+
+    def __init__(self, run_dir: Path, payload: dict[str, Any]) -> None:
+        payload = {"version": STAGE_VERSION["evaluation"], **payload}
+        self.dir = run_dir / f"eval-{_key(payload)}"
+        self.payload = payload
+
+    def row(self, name: str, compute: Callable[[], Any]) -> Any:
+        """Row ``name`` from its file, or ``compute()`` it and write it (the main rank) first."""
+        path = self.dir / f"{name}.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                distributed.print0(f"[evaluate] {path.name} does not parse; computing the row again", flush=True)
+        value = compute()
+        if distributed.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.dir / "settings.json", self.payload)
+            atomic_write_json(path, value)
+        distributed.barrier()
+        return value
+
+
 def _line(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
 
@@ -219,6 +247,13 @@ class Run:
         distributed.barrier()
         metrics = json.loads((d / METRICS).read_text())
         return {self.task.metric: metrics["test"][self.task.metric], "from": str(source)}
+
+    def eval_rows(self) -> RowCache:
+        """The row cache of this run's evaluation: its key holds the files every finished stage wrote
+        (their SHA-256s), so a stage computed again, even under the same key, starts a new cache."""
+        reads = ("eval_batch_size", "eval_limit", "time_repeats", "fused_inference", "anderson_m")
+        made = {n: _key(s.record().get("artefacts", {})) for n, s in self.stages.items() if s.done}
+        return RowCache(self.run_dir, {"stages": made, **{k: self.s[k] for k in reads}})
 
     # -- shared artefacts -------------------------------------------------------------------------
     def teacher(self):
