@@ -39,7 +39,8 @@ def validate_table(table: dict[str, Any]) -> None:
             raise ValueError(f"table['rows'][{i}]: explicit rows (and only they) have nfe null")
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt_or_dash(value: Any, spec: str) -> str:
+    """``value`` formatted by ``spec``, or a dash for a missing one (None)."""
     return "–" if value is None else format(value, spec)
 
 
@@ -52,7 +53,7 @@ def markdown_table(table: dict[str, Any]) -> str:
         f"## {table['task']}: quality against solver steps",
         "",
         f"Converged teacher: {metric.split(' ')[0]} "
-        f"{_fmt(tc['value'] * 100 if acc else tc['value'], '.2f')} at {_fmt(tc['nfe'], '.1f')} NFE "
+        f"{fmt_or_dash(tc['value'] * 100 if acc else tc['value'], '.2f')} at {fmt_or_dash(tc['nfe'], '.1f')} NFE "
         f"(device {table['device']}, seed {table['seed']}, commit {str(table['commit'])[:10]}).",
         "",
         f"| Method | # Params | NFE | {metric} | Rel. residual | Time / batch (ms) | Peak mem (MB) |",
@@ -63,8 +64,8 @@ def markdown_table(table: dict[str, Any]) -> str:
     for row in sorted(table["rows"], key=order):
         value = row["value"] * 100 if acc else row["value"]
         lines.append(
-            f"| {row['method']} | {row['params'] / 1e3:.1f}K | {_fmt(row['nfe'], 'd')} | {value:.2f} | "
-            f"{_fmt(row['rel_residual'], '.2e')} | {_fmt(row['time_ms'], '.2f')} | {_fmt(row.get('peak_mem_mb'), '.1f')} |"
+            f"| {row['method']} | {row['params'] / 1e3:.1f}K | {fmt_or_dash(row['nfe'], 'd')} | {value:.2f} | "
+            f"{fmt_or_dash(row['rel_residual'], '.2e')} | {fmt_or_dash(row['time_ms'], '.2f')} | {fmt_or_dash(row.get('peak_mem_mb'), '.1f')} |"
         )
     latency = table.get("latency")
     if latency:
@@ -80,7 +81,7 @@ def markdown_table(table: dict[str, Any]) -> str:
         lines += ["", "Mean NFE per test sample to reach a relative residual under the teacher's f, each "
                   "sample stopped on its own (the student's step included; mean over the samples that reached "
                   "it within 50 calls):", "", "| Method | tol | NFE | reached |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['method']} | {r['tol']:.0e} | {_fmt(r['nfe'], '.2f')} | {r['reached'] * 100:.1f}% |"
+        lines += [f"| {r['method']} | {r['tol']:.0e} | {fmt_or_dash(r['nfe'], '.2f')} | {r['reached'] * 100:.1f}% |"
                   for r in table["to_tolerance"]]
     lines += ["", f"Command: `{table['command']}`", ""]
     return "\n".join(lines)

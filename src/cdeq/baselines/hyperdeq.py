@@ -32,7 +32,7 @@ from cdeq.consistency.initialiser import StateInitialiser
 from cdeq.consistency.losses import mean_square, state_distance
 from cdeq.consistency.student import teacher_feature_dim
 from cdeq.consistency.trajectories import Trajectories
-from cdeq.state import State, StateLayout, to_device
+from cdeq.state import State, StateLayout, map_state, to_device
 from cdeq.training import TrainLoop
 
 
@@ -187,10 +187,11 @@ def train_hyperdeq(hyper: HyperDEQ, trajectories: Trajectories, config: HyperDEQ
 
     def draw(gen: torch.Generator) -> tuple[Any, State, float]:
         shard, rows = trajectories.sample(config.batch_size, gen)
-        scale = float(mean_square(trajectories.states(shard, rows, K, augmented=False)))  # the global batch's, as in distill
-        rows = distributed.local_rows(rows)
-        return (to_device(trajectories.inputs(shard, rows), dev),
-                to_device(trajectories.states(shard, rows, K, augmented=False), dev), scale)
+        z_star = trajectories.states(shard, rows, K, augmented=False)
+        scale = float(mean_square(z_star))  # the global batch's, as in distill
+        mine = torch.tensor(distributed.local_positions(len(rows)), dtype=torch.long)
+        return (to_device(trajectories.inputs(shard, distributed.local_rows(rows)), dev),
+                to_device(map_state(lambda p: p[mine], z_star), dev), scale)
 
     loss = HyperDEQLoss(hyper, config)
     meta = {"teacher_hash": trajectories.meta["teacher_hash"], "m": hyper.m, "tau": hyper.tau}

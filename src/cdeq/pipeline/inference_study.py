@@ -10,6 +10,7 @@ import torch
 from cdeq import distributed
 from cdeq.pipeline.evaluate import Start, nfe_to_tolerance, pooled_mean
 from cdeq.pipeline.stages import Run
+from cdeq.report import fmt_or_dash
 from cdeq.state import State, to_device
 
 # Warm-start variants (issue 18): more student steps, and Anderson's window seeded with the
@@ -42,7 +43,7 @@ def warmstart_study(run: Run) -> tuple[list[dict[str, Any]], list[str]]:
         cells = []
         for t in tols:
             r = next(r for r in rows if r["method"] == start.name and r["tol"] == t)
-            cells += [_fmt(r["nfe"]), _fmt(r["saved"], signed=True), f"{r['reached'] * 100:.1f}%"]
+            cells += [fmt_or_dash(r["nfe"], ".2f"), fmt_or_dash(r["saved"], "+.2f"), f"{r['reached'] * 100:.1f}%"]
         lines.append(f"| {start.name} | " + " | ".join(cells) + " |")
     intro = ("Mean NFE per test sample (student steps included) to reach a relative residual under the "
              "teacher's f, each sample stopped on its own; `saved` is the teacher's Anderson from z_0 minus "
@@ -84,10 +85,6 @@ def _adaptive_row(run: Run, student, nfe: int, tol: Optional[float]) -> dict[str
 
 def _fmt_tol(tol: Optional[float]) -> str:
     return "none" if tol is None else f"{tol:g}"
-
-
-def _fmt(value: Optional[float], signed: bool = False) -> str:
-    return "–" if value is None else (f"{value:+.2f}" if signed else f"{value:.2f}")
 
 
 STUDIES: dict[str, Callable[[Run], tuple[list[dict[str, Any]], list[str]]]] = {

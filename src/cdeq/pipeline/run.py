@@ -68,7 +68,8 @@ def _run_pipeline(config: PipelineConfig, figures: bool) -> dict[str, Any]:
                                                               logits=explicit)))
     table = {
         "task": config.task, "command": config.command, "device": device_name(run.device), "commit": run.commit,
-        "seed": config.seed, "preset": config.preset, "teacher_converged": cache.row("teacher-converged", lambda: converged_teacher(run)),
+        "seed": config.seed, "preset": config.preset,
+        "teacher_converged": cache.row("teacher-converged", lambda: converged_teacher(run)),
         "metric": run.task.metric, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
         "latency": latency(run, cdeq_student, nfes) if distributed.is_main() else None,
         "latency_ratio": LATENCY_RATIO,

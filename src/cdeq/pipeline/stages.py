@@ -111,9 +111,10 @@ class Stage:
 
 class RowCache:
     """The finished rows of a run's evaluation, ``RUN_DIR/eval-<key>/<row>.json``, so that an
-    evaluation killed part-way resumes at the first row it had not finished. The key hashes every
-    stage's key and the settings the evaluation reads; a row keeps the times measured when it was
-    computed. A row file that does not parse is computed again."""
+    evaluation killed part-way resumes at the first row it had not finished. The key hashes
+    ``payload`` (:meth:`Run.eval_rows`: the files of every stage and the settings the evaluation
+    reads); a row keeps the times measured when it was computed. A row file that does not parse is
+    computed again."""
 
     def __init__(self, run_dir: Path, payload: dict[str, Any]) -> None:
         payload = {"version": STAGE_VERSION["evaluation"], **payload}
@@ -130,8 +131,9 @@ class RowCache:
                 distributed.print0(f"[evaluate] {path.name} does not parse; computing the row again", flush=True)
         value = compute()
         if distributed.is_main():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.dir / "settings.json", self.payload)
+            if not self.dir.is_dir():
+                self.dir.mkdir(parents=True)
+                atomic_write_json(self.dir / "settings.json", self.payload)
             atomic_write_json(path, value)
         distributed.barrier()
         return value
