@@ -17,7 +17,7 @@ def test_online_distillation_matches_the_full_store():
     batches = toy_batches(teacher, n=128, batch=32)
     full = sample_trajectories(teacher, batches, steps=K, solver_options=OPTIONS)
     inputs_only = sample_trajectories(teacher, batches, steps=K, solver_options=OPTIONS,
-                                      storage=Storage("subset", keep=0))
+                                      storage=Storage("target"))
     cfg = DistillConfig(steps=10, batch_size=16, rollout_steps=2)
     students = [ConsistencyDEQ(teacher, init="linear") for _ in range(2)]
     distill(students[0], full, cfg, progress=False)

@@ -201,6 +201,26 @@ def test_the_trajectory_stage_announces_the_whole_store_before_sampling(tiny_run
 
 
 @cora_present
+def test_an_online_run_stores_z_K_alone_and_distils_with_the_teacher_in_the_step(tiny_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from cdeq.consistency.store import OnlineTeacher
+
+    solves = []
+    states = OnlineTeacher.states
+    monkeypatch.setattr(OnlineTeacher, "states", lambda self, *a, **k: solves.append(1) or states(self, *a, **k))
+    out, config, _ = tiny_run
+    teacher_dir, = out.glob("teacher-*")
+    run = pipeline.Run(pipeline.PipelineConfig(task="cora", preset="tiny", out=str(tmp_path / "run"),
+                                               settings={"teacher_from": str(teacher_dir), "traj_store": "online"}))
+    run.train_teacher()
+    run.sample()
+    assert "store 'target': 1 items x 1 states per item" in capsys.readouterr().out
+    assert run.trajectories().store == "target"
+    _, summary = run.distill("anderson")
+    assert len(solves) == run.s["distill_steps"] and 0 <= summary["err@1"] < 1
+
+
+@cora_present
 def test_a_killed_evaluation_resumes_at_its_first_unfinished_row(tiny_run, monkeypatch):
     out, config, table = tiny_run
     eval_dir = max(out.glob("eval-*"), key=lambda d: d.stat().st_mtime)  # the latest run's

@@ -104,7 +104,7 @@ def test_distillation_under_bf16_stays_close_to_float32(online):
     trains are close to the float32 student's (same seed, same k)."""
     teacher = ToyDEQ()
     batches = toy_batches(teacher, n=128, batch=32)
-    storage = Storage("subset", keep=0) if online else Storage()
+    storage = Storage("target") if online else Storage()
     traj = toy_trajectories(teacher, batches, steps=6, storage=storage)
     students = []
     for amp in (None, "bf16"):

@@ -97,6 +97,22 @@ def test_subset_arguments_and_a_store_mismatch_are_errors(toy, tmp_path):
         _sample(teacher, batches, store="subset", keep=4, cache_dir=tmp_path)
 
 
+def test_a_target_store_holds_z_K_alone_and_refuses_other_steps(toy, tmp_path):
+    teacher, batches, full = toy[0], toy[1], toy[2]
+    target = _sample(teacher, batches, p_aug=0.3, seed=3, store="target", cache_dir=tmp_path)
+    with safe_open(str(tmp_path / "shard-000000.safetensors"), framework="pt") as h:
+        assert h.get_slice("z.0").get_shape()[1] == 1
+    assert torch.equal(target.kept_steps(2, [0, 5]), torch.full((2, 1), K))
+    assert torch.equal(target.states(2, [0, 5], K, augmented=False), full.states(2, [0, 5], K, augmented=False))
+    assert torch.equal(target.inputs(1), full.inputs(1)) and torch.equal(target.residuals(0), full.residuals(0))
+    with pytest.raises(ValueError, match=r"step 0 of item \(shard 0, row 1\) was not kept by this target store"):
+        target.states(0, [1], 0)
+    with pytest.raises(ValueError, match="holds z_K alone.*OnlineTeacher"):
+        target.draw_steps(0, [1, 2], torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="keep: only store='subset'"):
+        _sample(teacher, batches[:1], store="target", keep=2)
+
+
 def test_a_full_cache_written_before_stores_existed_still_opens_and_is_reused(toy, tmp_path):
     teacher, batches = toy[0], toy[1]
     _sample(teacher, batches, cache_dir=tmp_path)
@@ -172,7 +188,8 @@ def _tensor_bytes(root) -> int:
 
 
 @pytest.mark.parametrize("make,store,keep", [(ToyDEQ, "full", None), (ToyDEQ, "subset", 3),
-                                             (ToyTupleDEQ, "subset", 0)])
+                                             (ToyTupleDEQ, "subset", 0), (ToyDEQ, "target", None),
+                                             (ToyTupleDEQ, "target", None)])
 def test_the_size_estimate_matches_the_bytes_written(make, store, keep, tmp_path, capsys):
     teacher = make()
     d_in = 8 if make is ToyDEQ else 6
@@ -224,12 +241,12 @@ def test_the_item_count_is_checked():
 def test_store_bytes_and_the_storage_table_at_the_papers_scale():
     mdeq_small = [[32, 56, 56], [64, 28, 28], [128, 14, 14], [256, 7, 7]]
     state = (32 * 56 * 56 + 64 * 28 * 28 + 128 * 14 * 14 + 256 * 7 * 7) * 2
-    assert store_bytes(mdeq_small, 30, 1_281_167, "online", cache_z_star=True) == 1_281_167 * state
+    assert store_bytes(mdeq_small, 30, 1_281_167, "target") == 1_281_167 * (state + 31 * 5 + 8)
     assert store_bytes(mdeq_small, 30, 1_281_167, "full") == 1_281_167 * (31 * state + 31 * 5)
     assert store_bytes([410], 30, 10, "subset", 4) == 10 * (6 * 820 + 31 * 5 + 6 * 8)
     assert store_bytes([410], 30, 10, "online") == 0
     table = storage_table(mdeq_small, 30, 1_281_167, "float16", keeps=(4,))
-    assert "| full | 31 |" in table and "| 14.9 TB |" in table and "| z_K alone | 1 |" in table
+    assert "| full | 31 |" in table and "| 14.9 TB |" in table and "| online + z_K alone (target) | 1 |" in table
     assert "| 0.482 TB |" not in table and "482 GB" in table
     with pytest.raises(ValueError, match="keep"):
         store_bytes([4], 5, 1, "subset", 5)

@@ -118,7 +118,7 @@ def distill(student: ConsistencyDEQ, trajectories: Trajectories, config: Distill
     ``run_dir`` keeps the checkpoint (a rerun resumes it) and the metrics; ``task_loss(logits, y)``
     defaults to cross-entropy ignoring -100; ``online`` (an :class:`OnlineTeacher` with the cache's
     K) computes the teacher's states of each batch in the step, so the cache need hold only the
-    inputs and z_K (``Storage("subset", keep=0)``).
+    inputs and z_K (``Storage("target")``).
     """
     if not isinstance(student, ConsistencyDEQ):
         raise TypeError(f"student: expected a ConsistencyDEQ, got {type(student).__name__}")

@@ -4,7 +4,9 @@ the teacher in the loop.
 Three strategies serve the states z_k, z_{k-1}, z_{k-2} and z_K (z* of Eq. 9) a distillation step
 reads. ``full`` stores every state z_0..z_K of every item, ``subset`` stores z_0, z_K and ``keep``
 further steps per item (:func:`~cdeq.consistency.trajectories.sample_trajectories`), and ``online``
-stores nothing: :class:`OnlineTeacher` runs the frozen teacher's solver for the batch at hand.
+stores no trajectory: :class:`OnlineTeacher` runs the frozen teacher's solver for the batch at hand,
+beside an optional ``target`` store of the inputs and z_K alone (what HyperDEQ and the losses'
+z* read).
 :func:`store_bytes` and :func:`storage_table` say what each strategy takes on disk, so the choice
 can be made before sampling; docs/storage.md has the table at the paper's scales.
 """
@@ -20,6 +22,8 @@ from cdeq.precision import amp_layers, check_amp
 from cdeq.state import State, as_tuple, map_state
 
 STORES = ("full", "subset", "online")
+# What a written cache can hold: a strategy's states, or z_K alone beside the online teacher.
+CACHE_KINDS = ("full", "subset", "target")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 # Bytes on disk beyond store_bytes: each shard's safetensors header (names, shapes, offsets and
 # the layout metadata, ~100 B per tensor) and its entry in the manifest (three hex digests and a
@@ -54,9 +58,10 @@ def dtype_bytes(dtype: Any) -> int:
 
 
 def kept_states(store: str, steps: int, keep: Optional[int]) -> int:
-    """States stored per item: K + 1 (full), keep + 2 (subset: z_0, z_K and keep more), 0 (online)."""
-    if store not in STORES:
-        raise ValueError(f"store: expected one of {STORES}, got {store!r}")
+    """States stored per item: K + 1 (full), keep + 2 (subset: z_0, z_K and keep more), 1 (target:
+    z_K alone), 0 (online)."""
+    if store not in STORES + CACHE_KINDS:
+        raise ValueError(f"store: expected one of {STORES + CACHE_KINDS[-1:]}, got {store!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1 (teacher solver steps K), got {steps!r}")
     if store == "subset":
@@ -66,26 +71,27 @@ def kept_states(store: str, steps: int, keep: Optional[int]) -> int:
         return keep + 2
     if keep is not None:
         raise ValueError(f"keep: only store='subset' keeps a number of steps; got keep={keep!r} with store={store!r}")
-    return steps + 1 if store == "full" else 0
+    return {"full": steps + 1, "target": 1, "online": 0}[store]
 
 
 def store_bytes(state_shape: Sequence[int] | Sequence[Sequence[int]], steps: int, items: int,
                 store: str = "full", keep: Optional[int] = None, dtype: Any = "float16", *,
-                input_bytes: int = 0, cache_z_star: bool = False) -> int:
+                input_bytes: int = 0) -> int:
     """Bytes a trajectory store takes: items x (kept states x state bytes + per-item extras).
 
     The extras of a written store are the teacher's residual of every step (K + 1 float32), the
-    Eq. 13 mask (K + 1 bools), the kept step indices (keep + 2 int64, subset) and ``input_bytes``
-    (x and y of one item). ``online`` stores nothing, or z_K alone with ``cache_z_star``. The files
-    add at most ``SHARD_OVERHEAD_BYTES`` per shard and ``MANIFEST_OVERHEAD_BYTES`` (headers, manifest).
+    Eq. 13 mask (K + 1 bools), the kept step indices (one int64 per kept state; subset, target) and
+    ``input_bytes`` (x and y of one item). ``online`` stores nothing; beside it, ``target`` stores z_K
+    alone. The files add at most ``SHARD_OVERHEAD_BYTES`` per shard and ``MANIFEST_OVERHEAD_BYTES``
+    (headers, manifest).
     """
     n_states = kept_states(store, steps, keep)
     if isinstance(items, bool) or not isinstance(items, int) or items < 0:
         raise ValueError(f"items: expected an int >= 0, got {items!r}")
     state = _state_elements(state_shape) * dtype_bytes(dtype)
     if store == "online":
-        return items * state if cache_z_star else 0
-    extras = (steps + 1) * 5 + (8 * n_states if store == "subset" else 0) + int(input_bytes)
+        return 0
+    extras = (steps + 1) * 5 + (8 * n_states if store != "full" else 0) + int(input_bytes)
     return items * (n_states * state + extras)
 
 
@@ -101,13 +107,12 @@ def human_bytes(n: float) -> str:
 def storage_table(state_shapes: Sequence[int] | Sequence[Sequence[int]], steps: int, items: int,
                   dtype: Any = "float16", keeps: Sequence[int] = (4, 8), *, input_bytes: int = 0) -> str:
     """A markdown table of what each strategy stores for a model with these per-item state shapes."""
-    rows = [("full", "full", None, False)] + [(f"subset, keep={m}", "subset", m, False) for m in keeps] + [
-        ("z_K alone", "online", None, True), ("online", "online", None, False)]
+    rows = [("full", "full", None)] + [(f"subset, keep={m}", "subset", m) for m in keeps] + [
+        ("online + z_K alone (target)", "target", None), ("online", "online", None)]
     lines = ["| strategy | states per item | per item | total |", "|---|---:|---:|---:|"]
-    for label, store, keep, z_star in rows:
-        total = store_bytes(state_shapes, steps, items, store, keep, dtype, input_bytes=input_bytes,
-                            cache_z_star=z_star)
-        n = 1 if z_star else kept_states(store, steps, keep)
+    for label, store, keep in rows:
+        total = store_bytes(state_shapes, steps, items, store, keep, dtype, input_bytes=input_bytes)
+        n = kept_states(store, steps, keep)
         lines.append(f"| {label} | {n} | {human_bytes(total / max(items, 1))} | {human_bytes(total)} |")
     return "\n".join(lines)
 

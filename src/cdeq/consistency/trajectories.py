@@ -8,7 +8,8 @@ to a temporary name and renamed, so a killed run leaves only complete shards and
 
 Stores: ``store="full"`` keeps every state; ``store="subset"`` keeps z_0, z_K and ``keep`` further
 steps per item, drawn once from the seed and the item's position (:func:`subset_steps`), with their
-indices; reading a step that was not kept is an error. The distillation step then draws k among the
+indices; ``store="target"`` keeps z_K alone, for distillation with the teacher in the loop
+(:class:`~cdeq.consistency.store.OnlineTeacher`); reading a step that was not kept is an error. The distillation step then draws k among the
 kept steps and uses the nearest kept step below it for k-1 (:meth:`Trajectories.draw_steps`).
 Before sampling, the store's size is printed and a store larger than the free disk space refused.
 
@@ -44,14 +45,14 @@ from torch import Tensor, nn
 
 from cdeq import distributed
 from cdeq.config import check_int
-from cdeq.consistency.store import (MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, human_bytes,
+from cdeq.consistency.store import (CACHE_KINDS, MANIFEST_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, human_bytes,
                                     kept_states, store_bytes)
 from cdeq.io import ArtefactWarning, CorruptArtefactError, atomic_write_bytes, atomic_write_json, sha256_file
 from cdeq.precision import amp_layers, check_amp
 from cdeq.state import State, StateLayout, as_tuple, batch_items, map_state
 
 FORMAT_VERSION = 2  # 2: input keys and shard digests in the manifest
-SUBSET_FORMAT = 3  # 3: a subset store (kept steps per item); older readers refuse it
+SUBSET_FORMAT = 3  # 3: a subset or target store (kept steps per item); older readers refuse it
 READABLE_FORMATS = (1, 2, 3)
 META_FILE = "meta.json"
 STORAGE_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -217,7 +218,8 @@ class Trajectories:
 
     @property
     def store(self) -> str:
-        """``"full"`` (every step 0..K) or ``"subset"`` (z_0, z_K and ``keep`` more per item)."""
+        """``"full"`` (every step 0..K), ``"subset"`` (z_0, z_K and ``keep`` more per item) or
+        ``"target"`` (z_K alone)."""
         return self.meta.get("store", "full")
 
     @property
@@ -227,7 +229,7 @@ class Trajectories:
 
     def kept_steps(self, shard: int, rows: Optional[Sequence[int]] = None) -> Tensor:
         """The steps stored per item, ``(rows, n)`` int64 sorted ascending (n = K + 1 for ``full``,
-        keep + 2 for ``subset``); always starts at 0 and ends at K."""
+        keep + 2 for ``subset``, starting at 0; 1 for ``target``); always ends at K."""
         rows = self._rows(shard, rows)
         if self.store == "full":
             return torch.arange(self.steps + 1).expand(len(rows), -1).clone()
@@ -238,6 +240,9 @@ class Trajectories:
         """Algorithm 2, line 3, over the kept steps: per row k, uniform among the kept steps (>= 1
         without ``include_k0``), with the nearest kept steps below it standing for k-1 and k-2
         (clamped at 0). For a ``full`` store this is k ~ U{0..K} with k-1 and k-2 exactly."""
+        if self.store == "target":
+            raise ValueError(f"trajectories: the cache at {self.root} holds z_K alone (store 'target'); "
+                             "draw steps from a full or subset store, or distil with online=OnlineTeacher(...)")
         kept = self.kept_steps(shard, rows)
         j = torch.randint(0 if include_k0 else 1, kept.shape[1], (kept.shape[0],), generator=generator)
         rows_idx = torch.arange(kept.shape[0])
@@ -346,7 +351,7 @@ class Trajectories:
         return tuple(parts) if self.is_tuple else parts[0]
 
     def _kept_for(self, shard: int, rows: list[int], ks: Tensor) -> Optional[Tensor]:
-        """A subset store's kept steps of these rows, after checking each asked-for step was kept
+        """A subset or target store's kept steps of these rows, after checking each asked-for step was kept
         (None for a full store, which keeps every step)."""
         if self.store == "full":
             return None
@@ -355,7 +360,7 @@ class Trajectories:
         if missing:
             i = missing[0]
             raise ValueError(f"ks: step {int(ks[i])} of item (shard {shard}, row {rows[i]}) was not kept by this "
-                             f"subset store (kept steps {kept[i].tolist()}); {len(missing)} row(s) ask for a step "
+                             f"{self.store} store (kept steps {kept[i].tolist()}); {len(missing)} row(s) ask for a step "
                              "not kept. Draw steps among Trajectories.kept_steps (see draw_steps)")
         return kept
 
@@ -423,9 +428,9 @@ def _shard_damage(bad: list[int]) -> str:
 
 @dataclass(frozen=True)
 class Storage:
-    """How a cache stores the teacher's states: ``kind`` ``"full"`` (z_0..z_K) or ``"subset"`` (z_0,
-    z_K and ``keep`` steps drawn per item by :func:`subset_steps`; ``online`` needs no cache:
-    :class:`~cdeq.consistency.store.OnlineTeacher`), their ``dtype`` (None: the teacher's,
+    """How a cache stores the teacher's states: ``kind`` ``"full"`` (z_0..z_K), ``"subset"`` (z_0,
+    z_K and ``keep`` steps drawn per item by :func:`subset_steps`) or ``"target"`` (z_K alone, beside
+    the ``online`` strategy's :class:`~cdeq.consistency.store.OnlineTeacher`), their ``dtype`` (None: the teacher's,
     ``"float16"`` or ``"bfloat16"``), and ``amp`` (``"bf16"``: f under bf16 autocast while
     sampling; the solver's small system stays float32)."""
 
@@ -486,7 +491,7 @@ def sample_trajectories(
     _warn_if_shuffled(inputs)
     solver_options = dict(solver_options or {})
     root, tmp = _cache_root(cache_dir)
-    settings = {"format": SUBSET_FORMAT if store == "subset" else FORMAT_VERSION,
+    settings = {"format": FORMAT_VERSION if store == "full" else SUBSET_FORMAT,
                 "teacher_hash": module_hash(teacher), "solver": solver,
                 "solver_options": json.loads(json.dumps(solver_options)), "steps": steps, "z0": z0,
                 "p_aug": float(p_aug), "k_min": k_min, "k_tail": k_tail, "dtype": _dtype_name(dtype), "seed": seed,
@@ -504,9 +509,9 @@ def sample_trajectories(
 
 
 def _check_store(store: str, steps: int, keep: Optional[int]) -> None:
-    if store not in ("full", "subset"):
-        raise ValueError(f"store: expected 'full' or 'subset' (for 'online' use cdeq.consistency.store."
-                         f"OnlineTeacher, which stores nothing), got {store!r}")
+    if store not in CACHE_KINDS:
+        raise ValueError(f"store: expected one of {CACHE_KINDS} (for 'online' use cdeq.consistency.store."
+                         f"OnlineTeacher, beside a 'target' store or none), got {store!r}")
     kept_states(store, steps, keep)
 
 
@@ -798,6 +803,8 @@ def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path
     kept = None
     if settings["store"] == "subset":
         kept = torch.stack([subset_steps(seed, first_item + r, steps, settings["keep"]) for r in range(B)])
+    elif settings["store"] == "target":
+        kept = torch.full((B, 1), steps, dtype=torch.long)
     tensors = _state_tensors(info.states, layout, kept, store_dtype)
     _check_finite_states(tensors, residual, index, kept)
     x_parts = len(x) if isinstance(x, (tuple, list)) else 0

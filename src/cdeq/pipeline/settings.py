@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "traj_batch_size": None,       # None: the task's batch size
     "traj_dtype": "float16",       # storage dtype of the states
     "traj_store": "full",          # "full": every state z_0..z_K; "subset": z_0, z_K and traj_keep steps per item;
-                                   # "online": inputs and z_K stored, the teacher solves each distillation batch
+                                   # "online": inputs and z_K alone stored, the teacher solves each distillation batch
     "traj_keep": None,             # steps kept per item beside z_0 and z_K by the subset store
     "amp": None,                   # "bf16": f under bfloat16 autocast in teacher training, sampling, the online
                                    # teacher and the training of the students and baselines (cdeq.precision)

@@ -175,6 +175,8 @@ class Run:
                                                                "from": self._source_hash("explicit_from"),
                                                                "steps": self.s["explicit_steps"]})
         traj_payload = {"teacher": self.teacher_stage.key, "traj_amp": self.s["amp"], **{k: self.s[k] for k in TRAJ_KEYS}}
+        if self.s["traj_store"] == "online":  # its cache is a target store, whose files differ from a subset one
+            traj_payload["cache"] = "target"
         if self.s["traj_from"] is not None:
             traj_payload["from"] = self._store_hash(traj_payload)
         self.traj_stage = self.stage("trajectories", traj_payload)
@@ -284,11 +286,12 @@ class Run:
         return self._trajectories
 
     def storage(self) -> "Storage":
-        """How the trajectory stage stores the teacher's states (``online``: inputs and z_K only)."""
+        """How the trajectory stage stores the teacher's states (``online``: inputs and z_K alone, the
+        ``target`` store)."""
         from cdeq.consistency.trajectories import Storage
 
         online = self.s["traj_store"] == "online"
-        return Storage("subset" if online else self.s["traj_store"], 0 if online else self.s["traj_keep"],
+        return Storage("target" if online else self.s["traj_store"], None if online else self.s["traj_keep"],
                        getattr(torch, self.s["traj_dtype"]), self.s["amp"])
 
     def online_teacher(self) -> Optional["OnlineTeacher"]:
