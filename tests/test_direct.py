@@ -6,7 +6,9 @@ import torch
 from conftest import ToyDEQ, toy_batches
 
 from cdeq.baselines import train_direct
+from cdeq.baselines.direct import DirectLoss
 from cdeq.consistency import ConsistencyDEQ, DirectConfig, sample_trajectories
+from cdeq.models import DEQTransformer
 
 
 def _accuracy(model, batches, J):
@@ -37,3 +39,21 @@ def test_direct_baseline_checks_its_arguments():
         train_direct(ConsistencyDEQ(teacher), with_labels, {"nfe": 1})
     with pytest.raises(ValueError, match="labels"):
         train_direct(ConsistencyDEQ(teacher), no_labels, DirectConfig(steps=1))
+
+
+def test_a_loss_at_the_state_trains_as_the_readouts_loss_does():
+    """An adaptive softmax's own loss (what the pipeline passes for WikiText-2) equals the
+    cross-entropy of the full log-probabilities, value and gradient, at a fraction of the cost."""
+    teacher = DEQTransformer(50, d_model=16, n_heads=2, d_ff=32, max_len=8, cutoffs=(10, 30), weight_norm=False)
+    student = ConsistencyDEQ(teacher)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50, (4, 8), generator=gen), torch.randint(0, 50, (4, 8), generator=gen)
+    y[0, :3] = -100
+    losses = [DirectLoss(student, DirectConfig(nfe=2), state_loss)((x, y))[0]
+              for state_loss in (None, lambda z, y: teacher.lm_loss(z, y))]
+    trained = [p for p in student.parameters() if p.requires_grad]
+    grads = [torch.autograd.grad(loss, trained, allow_unused=True) for loss in losses]
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    assert sum(g is not None for g in grads[0]) > 0
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-4, atol=1e-7))

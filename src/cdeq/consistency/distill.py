@@ -20,7 +20,7 @@ import torch
 
 from cdeq import distributed
 from cdeq.consistency.config import DistillConfig
-from cdeq.consistency.losses import ConsistencyLoss, DistillBatch, TaskLoss, mean_square
+from cdeq.consistency.losses import ConsistencyLoss, DistillBatch, StateLoss, mean_square
 from cdeq.consistency.sharded import ShardedTrajectories
 from cdeq.consistency.store import OnlineTeacher
 from cdeq.consistency.student import ConsistencyDEQ
@@ -111,19 +111,19 @@ class DistillLoop(TrainLoop):
 
 def distill(student: ConsistencyDEQ, trajectories: Trajectories, config: DistillConfig = DistillConfig(), *,
             run_dir: Optional[str | Path] = None, device: Optional[str | torch.device] = None,
-            task_loss: Optional[TaskLoss] = None, progress: Optional[bool] = None,
+            state_loss: Optional[StateLoss] = None, progress: Optional[bool] = None,
             online: Optional[OnlineTeacher] = None) -> list[dict[str, Any]]:
     """Distil ``student`` on ``trajectories`` for ``config.steps`` steps; returns the training history.
 
-    ``run_dir`` keeps the checkpoint (a rerun resumes it) and the metrics; ``task_loss(logits, y)``
-    defaults to cross-entropy ignoring -100; ``online`` (an :class:`OnlineTeacher` with the cache's
+    ``run_dir`` keeps the checkpoint (a rerun resumes it) and the metrics; ``state_loss(z, y)``, the
+    task term's loss at a state, defaults to cross-entropy of the readout ignoring -100; ``online`` (an :class:`OnlineTeacher` with the cache's
     K) computes the teacher's states of each batch in the step, so the cache need hold only the
     inputs and z_K (``Storage("target")``).
     """
     if not isinstance(student, ConsistencyDEQ):
         raise TypeError(f"student: expected a ConsistencyDEQ, got {type(student).__name__}")
     dev = prepare(student, trajectories, device)
-    loss = ConsistencyLoss(student, config, task_loss)
+    loss = ConsistencyLoss(student, config, state_loss)
     meta = {"teacher_hash": trajectories.meta["teacher_hash"], "student": student.describe()}
     if online is not None and online.steps != trajectories.steps:
         raise ValueError(f"online: the teacher solves {online.steps} steps, the cache's K is {trajectories.steps}")

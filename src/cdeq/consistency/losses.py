@@ -32,7 +32,9 @@ from cdeq.state import State, as_tuple, map_state
 if TYPE_CHECKING:
     from cdeq.consistency.student import ConsistencyDEQ
 
-TaskLoss = Callable[[Tensor, Tensor], Tensor]
+# The task loss at a state z and labels y (Eq. 14): the teacher's frozen readout and its loss, so a
+# readout whose logits cost more than its loss (an adaptive softmax) can skip them.
+StateLoss = Callable[[State, Tensor], Tensor]
 
 
 def mean_square(z: State) -> Tensor:
@@ -72,6 +74,11 @@ def relative_error(z: State, z_star: State) -> Tensor:
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy over the last dimension of ``logits``; labels -100 are ignored (Eq. 14)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1).long(), ignore_index=-100)
+
+
+def readout_cross_entropy(model: nn.Module) -> StateLoss:
+    """The default :data:`StateLoss`: :func:`cross_entropy` of ``model.readout(z)``."""
+    return lambda z, y: cross_entropy(model.readout(z), y)
 
 
 def select_rows(z: State, mask: Tensor) -> State:
@@ -139,16 +146,18 @@ class ConsistencyLoss(nn.Module):
     Args:
         student: the :class:`~cdeq.consistency.ConsistencyDEQ` trained (built: W exists).
         config: the :class:`~cdeq.consistency.DistillConfig` (weights, distance, rollout, ...).
-        task_loss: ``(logits, y) -> loss`` (default: cross-entropy ignoring -100).
+        state_loss: ``(z, y) -> loss`` at the student's state (default: cross-entropy, ignoring -100,
+            of the teacher's readout of z; e.g. ``lambda z, y: teacher.lm_loss(z, y)``).
 
     ``target`` is the EMA copy g^- of the student (Eq. 10), updated by :meth:`update_target`.
     """
 
-    def __init__(self, student: "ConsistencyDEQ", config: DistillConfig, task_loss: Optional[TaskLoss] = None) -> None:
+    def __init__(self, student: "ConsistencyDEQ", config: DistillConfig, state_loss: Optional[StateLoss] = None) -> None:
         super().__init__()
         if not isinstance(config, DistillConfig):
             raise TypeError(f"config: expected a DistillConfig, got {type(config).__name__}")
-        self.student, self.config, self.task_loss = student, config, task_loss or cross_entropy
+        self.student, self.config = student, config
+        self.state_loss = state_loss or readout_cross_entropy(student)
         self.target = copy.deepcopy(student, memo={id(student.teacher): student.teacher}).requires_grad_(False).eval()
         names = {name for name, p in student.named_parameters() if p.requires_grad}
         self._pairs = [(q, p) for (name, p), (_, q) in zip(student.named_parameters(), self.target.named_parameters())
@@ -223,11 +232,11 @@ class ConsistencyLoss(nn.Module):
         if y is None or self.config.lambda_task <= 0:
             return []
         if mask is None:
-            return [self.task_loss(self.student.readout(out), y)]
+            return [self.state_loss(out, y)]
         y_sel = select_labels(y, mask)
         if y_sel is None or not bool(mask.any()):
             return []
-        return [self.task_loss(self.student.readout(select_rows(out, mask)), y_sel)]
+        return [self.state_loss(select_rows(out, mask), y_sel)]
 
     def rollout_term(self, batch: DistillBatch, u: object, scale: float) -> tuple[list[State], Tensor]:
         """The student's own J-step inference from its z_0 and the mean of d(z_{t_j}, z_K) over j."""

@@ -21,6 +21,7 @@ from cdeq.training import BEST, CHECKPOINT, METRICS
 
 if TYPE_CHECKING:
     from cdeq.consistency import OnlineTeacher, Storage
+    from cdeq.consistency.losses import StateLoss
 
 
 # The settings that decide what the trajectory stage samples (its key, and what ``traj_from`` must match).
@@ -303,6 +304,12 @@ class Run:
         return OnlineTeacher(self.teacher(), steps=self.s["traj_steps"], solver_options={"m": self.s["anderson_m"]},
                              amp=self.s["amp"])
 
+    def state_loss(self) -> "StateLoss":
+        """The task loss at a student's state: the task's loss of the teacher's readout (WikiText-2's
+        adaptive softmax computes only the targets' clusters)."""
+        teacher = self.teacher()
+        return lambda z, y: self.task.readout_loss(teacher, z, y)
+
     def student_options(self) -> dict[str, Any]:
         """ConsistencyDEQ options of the students and the direct baseline (also their stage keys);
         ``proj_rank`` only when set, so runs with the full W keep the keys they had."""
@@ -384,7 +391,8 @@ class Run:
         student = ConsistencyDEQ(teacher, structure=structure, **student_kwargs(options)).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
-            distill(student, self.trajectories(), config, run_dir=d, device=self.device, online=self.online_teacher())
+            distill(student, self.trajectories(), config, run_dir=d, device=self.device, online=self.online_teacher(),
+                    state_loss=self.state_loss())
             save_model(d, student)
             err = equilibrium_error(student.state, self.trajectories(), (1, 2, 4), max_items=512, device=self.device)
             return {f"err@{k}": float(v) for k, v in err.items()}
@@ -425,7 +433,8 @@ class Run:
         model = ConsistencyDEQ(teacher, structure="anderson", **student_kwargs(self.student_options())).to(self.device)
 
         def fn(d: Path) -> dict[str, Any]:
-            history = train_direct(model, self.trajectories(), config, run_dir=d, device=self.device)
+            history = train_direct(model, self.trajectories(), config, run_dir=d, device=self.device,
+                                   state_loss=self.state_loss())
             save_model(d, model)
             return {"loss": float(history[-1]["loss"])} if history else {}
         summary = stage.run(fn)
