@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cdeq.pipeline import PipelineConfig
+
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     from cdeq.config import add_deq_args
@@ -34,13 +39,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     add_deq_args(parser)  # the teacher's DEQ, with TorchDEQ's flag names
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "data":
-        from cdeq.data.__main__ import main as data_main
-
-        return data_main(argv[1:])
-
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``cdeq`` parser and its subcommands' parsers (for usage errors that name the subcommand)."""
     from cdeq.pipeline.ablation import GRIDS
 
     parser = argparse.ArgumentParser(prog="cdeq", description=__doc__.split("\n\n")[0])
@@ -54,42 +54,25 @@ def main(argv: list[str] | None = None) -> int:
     p_ablate.add_argument("grid", choices=GRIDS)
     _add_run_args(p_ablate)
     sub.add_parser("data", help="data sets: list, describe NAME, fetch NAME... | --all")
-    args = parser.parse_args(argv)
+    return parser, {"run": p_run, "report": p_report, "ablate": p_ablate}
 
-    if args.command == "report":
-        from cdeq.report import markdown_table, write_report
 
-        try:
-            table = write_report(args.run_dir)
-        except (FileNotFoundError, ValueError) as err:  # no table.json, or one that breaks the binding form
-            p_report.error(str(err))
-        print(markdown_table(table))
-        return 0
+def _report(run_dir: str, parser: argparse.ArgumentParser) -> int:
+    from cdeq.report import markdown_table, write_report
 
-    from cdeq.pipeline import PipelineConfig, run_ablation, run_pipeline
-    from cdeq.runtime import quiet_profiler, tune_cpu_allocator
+    try:
+        table = write_report(run_dir)
+    except (FileNotFoundError, ValueError) as err:  # no table.json, or one that breaks the binding form
+        parser.error(str(err))
+    print(markdown_table(table))
+    return 0
 
-    tune_cpu_allocator()
-    quiet_profiler()
-    sub_parser = p_ablate if args.command == "ablate" else p_run
-    if args.threads is not None:
-        import torch
 
-        if args.threads < 1:
-            sub_parser.error(f"--threads: expected an int >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-
-    try:  # a bad setting, task, device or DEQ flag: a usage error, before any stage runs
-        config = PipelineConfig.from_args(args, command="cdeq " + " ".join(argv))
-    except ValueError as err:
-        sub_parser.error(str(err))
-    from cdeq import distributed
-
-    config.device = str(distributed.init(config.device))  # under torchrun: join the ranks, cuda:LOCAL_RANK
-    if args.show_config:
-        print(config.describe())
-        return 0
+def _execute(args: argparse.Namespace, config: "PipelineConfig") -> int:
+    """Run the pipeline or the ablation; a locked or unwritable run directory and an interruption
+    end with a message and an exit status, not a traceback."""
     from cdeq.lock import RunDirLocked
+    from cdeq.pipeline import run_ablation, run_pipeline
 
     try:
         if args.command == "ablate":
@@ -107,6 +90,41 @@ def main(argv: list[str] | None = None) -> int:
               "to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        from cdeq.data.__main__ import main as data_main
+
+        return data_main(argv[1:])
+    parser, subs = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args.run_dir, subs["report"])
+
+    from cdeq import distributed
+    from cdeq.pipeline import PipelineConfig
+    from cdeq.runtime import quiet_profiler, tune_cpu_allocator
+
+    tune_cpu_allocator()
+    quiet_profiler()
+    sub_parser = subs[args.command]
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            sub_parser.error(f"--threads: expected an int >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:  # a bad setting, task, device or DEQ flag: a usage error, before any stage runs
+        config = PipelineConfig.from_args(args, command="cdeq " + " ".join(argv))
+    except ValueError as err:
+        sub_parser.error(str(err))
+    config.device = str(distributed.init(config.device))  # under torchrun: join the ranks, cuda:LOCAL_RANK
+    if args.show_config:
+        print(config.describe())
+        return 0
+    return _execute(args, config)
 
 
 if __name__ == "__main__":

@@ -92,61 +92,60 @@ def _series(table: dict[str, Any], method: str, key: str) -> tuple[list, list]:
     return [r["nfe"] if key != "time_ms" else r["time_ms"] for r in rows], [r["value"] if key != "rel_residual" else r["rel_residual"] for r in rows]
 
 
+def _panel(plt: Any, table: dict[str, Any], key: str, xlabel: str, ylabel: str, group: list[str],
+           with_refs: bool) -> Any:
+    """One figure: the rows' ``key`` against NFE (or wall time) for each method of ``group``."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m in group:
+        xs, ys = _series(table, m, key)
+        if key == "rel_residual":
+            xs, _ = _series(table, m, "nfe")
+            pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+        if xs:
+            ax.plot(xs, ys, marker="o", label=m)
+    if with_refs:
+        ax.axhline(table["teacher_converged"]["value"], ls=":", c="k", label="converged teacher")
+        for r in table["rows"]:
+            if r["method"] == "explicit":
+                ax.axhline(r["value"], ls="--", c="grey", label="explicit")
+    ax.set_xscale("log", base=2) if key != "time_ms" else ax.set_xscale("log")
+    if key == "rel_residual" or table["metric"] == "perplexity":
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{table['task']} ({table['device']})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def write_figures(table: dict[str, Any], out_dir: Path) -> list[Path]:
     """Quality and residual against NFE (Figure 2), quality against wall time, and the Anderson
     ablation (Figure 3), as PNG files in ``out_dir``."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = [m for m in METHODS if m != "explicit" and any(r["method"] == m for r in table["rows"])]
-    explicit = [r for r in table["rows"] if r["method"] == "explicit"]
     ylabel = "test accuracy" if table["metric"] == "accuracy" else "test perplexity"
-    written = []
-
-    def save(fig, name: str) -> None:
-        path = out_dir / name
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
-        written.append(path)
-
-    def reference_lines(ax) -> None:
-        ax.axhline(table["teacher_converged"]["value"], ls=":", c="k", label="converged teacher")
-        for r in explicit:
-            ax.axhline(r["value"], ls="--", c="grey", label="explicit")
-
     panels = [
         ("quality_vs_nfe.png", "nfe", "NFE", ylabel, methods, True),
         ("residual_vs_nfe.png", "rel_residual", "NFE", "relative residual ||f(z)-z||/||f(z)||", methods, False),
         ("quality_vs_time.png", "time_ms", "inference time per batch (ms)", ylabel, methods, True),
         ("anderson_ablation.png", "nfe", "NFE", ylabel, [m for m in ("teacher-anderson", "cdeq-plain", "cdeq") if m in methods], True),
     ]
-    for name, key, xlabel, ylab, group, with_refs in panels:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for m in group:
-            xs, ys = _series(table, m, key)
-            if key == "rel_residual":
-                xs, _ = _series(table, m, "nfe")
-                pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
-                xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-            if xs:
-                ax.plot(xs, ys, marker="o", label=m)
-        if with_refs:
-            reference_lines(ax)
-        ax.set_xscale("log", base=2) if key != "time_ms" else ax.set_xscale("log")
-        if key == "rel_residual" or table["metric"] == "perplexity":
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylab)
-        ax.set_title(f"{table['task']} ({table['device']})")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        save(fig, name)
+    written = []
+    for name, *panel in panels:
+        fig = _panel(plt, table, *panel)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(out_dir / name, buf.getvalue())
+        written.append(out_dir / name)
     return written
 
 

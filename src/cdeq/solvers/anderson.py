@@ -76,6 +76,38 @@ class _Span:
         return torch.where(ok, alpha, self.unit[s])
 
 
+class _Window:
+    """The ring buffers of one solve, made once: G (g_i) and Y (y_i) of m slots, the Gram matrix
+    G G^T with its floor, each slot's and span's views, and the two buffers the iterate alternates
+    between; ``history`` pairs fill the first ``pre`` slots."""
+
+    def __init__(self, z0: Tensor, m: int, lam: float, tau: float, history: Sequence[tuple[Tensor, Tensor]]) -> None:
+        B, N = z0.shape
+        self.work = work = torch.float64 if z0.dtype == torch.float64 else torch.float32
+        # added to sum(diag G G^T) when lam > 0: with every g_i = 0, H = lam floor / n I keeps the bordered
+        # system nonsingular (alpha = 1 / n), and n / (lam floor), the size of H^-1, stays below the largest float
+        floor = max(4.0 * m * m / (lam * torch.finfo(work).max), torch.finfo(work).tiny) if lam > 0 else 0.0
+        # G starts at 0 so that the Gram row over all m slots is finite (and unused) for slots not yet written
+        G = z0.new_zeros(B, m, N)  # ring buffer of g_i
+        Y = z0.new_empty(B, m, N)  # ring buffer of y_i = z_i + tau g_i
+        self.GT = G.transpose(1, 2)
+        # The Gram matrix G G^T, with one more entry per sample holding the floor. Its diagonal entry i
+        # sits at i (m + 1), the floor at m (m + 1): a strided view of n + 1 entries is then the n diagonal
+        # entries of a span followed by the floor, which for n < m is the diagonal entry of the unwritten
+        # slot n, set to the floor too. Summing that view adds the floor without an op of its own.
+        store = torch.zeros(B, m * m + m + 1, dtype=work, device=z0.device)
+        gram = store[:, :m * m].view(B, m, m)
+        gram.diagonal(dim1=1, dim2=2).fill_(floor)
+        store[:, -1] = floor
+        diag_and_floor = store.as_strided((B, 1, m + 1), (store.stride(0), 1, m + 1))
+        self.slots = [_Slot(G, Y, gram, s) for s in range(m)]
+        self.pre = _preload(history, G, Y, gram, tau)
+        # the window holds min(k, m) slots: spans[n - 1] for n of them (None for one, which needs no solve)
+        self.spans = [None] + [_Span(Y, gram, diag_and_floor, lam, n) for n in range(2, m + 1)]
+        self.outs = [z0.new_empty(B, N) for _ in range(2)]
+        self.outs_row = [out.unsqueeze(1) for out in self.outs]
+
+
 def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str, return_states: ReturnStates,
              trace: bool, m: int = 5, tau: float = 1.0, lam: float = 1e-4, per_sample: bool = True,
              history: Sequence[tuple[Tensor, Tensor]] = ()) -> tuple[Tensor, SolverInfo]:
@@ -91,31 +123,10 @@ def anderson(f: FlatFn, z0: Tensor, *, max_iter: int, tol: float, stop_mode: str
         raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
     mon = Monitor(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, return_states=return_states, trace=trace,
                   per_sample=per_sample)
-    B, N = z0.shape
-    dtype, m = z0.dtype, min(m, max_iter + len(history))
-    history = history[len(history) - min(len(history), m - 1):]
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    # added to sum(diag G G^T) when lam > 0: with every g_i = 0, H = lam floor / n I keeps the bordered
-    # system nonsingular (alpha = 1 / n), and n / (lam floor), the size of H^-1, stays below the largest float
-    floor = max(4.0 * m * m / (lam * torch.finfo(work).max), torch.finfo(work).tiny) if lam > 0 else 0.0
-    # G starts at 0 so that the Gram row over all m slots is finite (and unused) for slots not yet written
-    G = z0.new_zeros(B, m, N)  # ring buffer of g_i
-    Y = z0.new_empty(B, m, N)  # ring buffer of y_i = z_i + tau g_i
-    GT = G.transpose(1, 2)
-    # The Gram matrix G G^T, with one more entry per sample holding the floor. Its diagonal entry i
-    # sits at i (m + 1), the floor at m (m + 1): a strided view of n + 1 entries is then the n diagonal
-    # entries of a span followed by the floor, which for n < m is the diagonal entry of the unwritten
-    # slot n, set to the floor too. Summing that view adds the floor without an op of its own.
-    store = torch.zeros(B, m * m + m + 1, dtype=work, device=z0.device)
-    gram = store[:, :m * m].view(B, m, m)
-    gram.diagonal(dim1=1, dim2=2).fill_(floor)
-    store[:, -1] = floor
-    diag_and_floor = store.as_strided((B, 1, m + 1), (store.stride(0), 1, m + 1))
-    slots = [_Slot(G, Y, gram, s) for s in range(m)]
-    pre = _preload(history, G, Y, gram, tau)
-    spans = [None] + [_Span(Y, gram, diag_and_floor, lam, n) for n in range(2, m + 1)]  # window: min(k, m) slots
-    outs = [z0.new_empty(B, N) for _ in range(2)]  # the new iterate alternates between two buffers
-    outs_row = [out.unsqueeze(1) for out in outs]
+    m = min(m, max_iter + len(history))
+    win = _Window(z0, m, lam, tau, history[len(history) - min(len(history), m - 1):])
+    slots, spans, outs, outs_row, GT, pre = win.slots, win.spans, win.outs, win.outs_row, win.GT, win.pre
+    dtype, work = z0.dtype, win.work
     z, k = z0, 0
     while k < max_iter:
         s = (k + pre) % m
