@@ -229,12 +229,14 @@ def test_a_killed_evaluation_resumes_at_its_first_unfinished_row(tiny_run, monke
             "teacher-converged.json"} <= names
     (eval_dir / "cdeq-nfe2.json").unlink()  # not reached before the kill
     (eval_dir / "hyperdeq-nfe1.json").write_text('{"method": "hyper')  # cut short
+    (eval_dir / "teacher-anderson-nfe2.json").unlink()  # one budget of a prefix method: its group again
     from cdeq.pipeline import evaluate
-    computed, real = [], evaluate.evaluate_method
-    monkeypatch.setattr(evaluate, "evaluate_method",
-                        lambda run, name, method, k, *a, **kw: computed.append((name, k)) or real(run, name, method, k, *a, **kw))
+    computed, real = [], evaluate.evaluate_rows
+    monkeypatch.setattr(evaluate, "evaluate_rows", lambda run, name, method, budgets, *a, **kw:
+                        computed.append((name, tuple(budgets))) or real(run, name, method, budgets, *a, **kw))
     again = pipeline.run_pipeline(config, figures=False)
-    assert sorted(computed) == [("cdeq", 2), ("hyperdeq", 1)]
+    teacher_budgets = tuple(sorted(set(again["settings"]["nfe"]) | set(again["settings"]["teacher_nfe"])))
+    assert sorted(computed) == [("cdeq", (2,)), ("hyperdeq", (1,)), ("teacher-anderson", teacher_budgets)]
     assert [(r["method"], r["nfe"], r["value"]) for r in again["rows"]] == \
         [(r["method"], r["nfe"], r["value"]) for r in table["rows"]]
     assert again["to_tolerance"] == json.loads(json.dumps(table["to_tolerance"]))
@@ -245,7 +247,8 @@ def test_a_killed_evaluation_resumes_at_its_first_unfinished_row(tiny_run, monke
     computed.clear()
     caches = len(list(out.glob("eval-*")))
     pipeline.run_pipeline(config, figures=False)
-    assert len(computed) == len(table["rows"]) - 1 and len(list(out.glob("eval-*"))) == caches + 1  # all but explicit's
+    rows_computed = sum(len(budgets) for _, budgets in computed)
+    assert rows_computed == len(table["rows"]) - 1 and len(list(out.glob("eval-*"))) == caches + 1  # all but explicit's
 
 
 def test_unknown_ablation_grid_is_named(tmp_path):

@@ -107,3 +107,25 @@ def test_adaptive_infer_stops_the_batch_early_and_zero_tol_is_the_fixed_budget(d
     for bad in (-1.0, float("nan"), "0.1"):
         with pytest.raises(ValueError, match="tol: expected a finite relative change"):
             student.infer(x, nfe=2, tol=bad)
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
+def test_a_prefix_method_gives_every_budget_from_one_solve(solver):
+    """The evaluation grid's one-pass path: the iterates of one solve of the largest budget equal
+    separate solves of each budget (the teacher's solvers, and the warm start)."""
+    from cdeq.pipeline.evaluate import PrefixMethod, TeacherSolver, WarmStarted
+
+    teacher = ToyDEQ()
+    x = toy_batches(teacher, n=16, batch=16)[0][0]
+    student = ConsistencyDEQ(teacher, init="linear")
+    student.build(x)
+    budgets = [1, 2, 4, 8, 12, 16, 32]
+    methods = [TeacherSolver(teacher, solver, **({"m": 5} if solver == "anderson" else {}))]
+    if solver == "anderson":
+        methods.append(WarmStarted(student, m=5))
+    with torch.no_grad():
+        for method in methods:
+            assert isinstance(method, PrefixMethod)
+            for k, z in zip(budgets, method.states(x, budgets)):
+                assert torch.allclose(z, method.state(x, k), rtol=1e-5, atol=1e-6), (type(method).__name__, k)
+            assert torch.equal(method.states(x, [1])[0], method.state(x, 1))

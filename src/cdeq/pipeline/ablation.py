@@ -7,7 +7,7 @@ from typing import Any
 
 from cdeq.io import atomic_write_json, atomic_write_text
 from cdeq.measure import device_name
-from cdeq.pipeline.evaluate import evaluate_method
+from cdeq.pipeline.evaluate import evaluate_rows
 from cdeq.pipeline.inference_study import STUDIES
 from cdeq.pipeline.run import writer_lock
 from cdeq.pipeline.settings import PipelineConfig
@@ -64,9 +64,7 @@ def _run_ablation(config: PipelineConfig, grid: str) -> dict[str, Any]:
     for a in outer_values:
         for b in inner_values:
             student, _ = run.distill("anderson", name=f"ablate-{outer}{a}-{inner}{b}", **{outer: a, inner: b})
-            values = {}
-            for k in run.s["nfe"]:
-                values[k] = evaluate_method(run, "cdeq", student, k, 0)["value"]
+            values = {row["nfe"]: row["value"] for row in evaluate_rows(run, "cdeq", student, run.s["nfe"], 0)}
             results.append({outer: a, inner: b, "values": values})
     pct = run.task.metric == "accuracy"
     lines = [f"## {config.task}: C-DEQ ablation over {outer} x {inner}", "",

@@ -9,7 +9,7 @@ from cdeq import distributed
 from cdeq.lock import RunLock
 from cdeq.measure import LATENCY_RATIO, device_name
 from cdeq.pipeline.evaluate import (PerBudget, TeacherSolver, WarmStarted, converged_teacher, evaluate_grid,
-                                    evaluate_method, latency, nfe_to_tolerance)
+                                    evaluate_rows, latency, nfe_to_tolerance)
 from cdeq.pipeline.settings import PipelineConfig
 from cdeq.pipeline.stages import Run, param_count
 
@@ -64,8 +64,8 @@ def _run_pipeline(config: PipelineConfig, figures: bool) -> dict[str, Any]:
     }
     cache = run.eval_rows()  # a killed evaluation resumes at its first unfinished row
     rows = evaluate_grid(run, methods, cache)
-    rows.append(cache.row("explicit", lambda: evaluate_method(run, "explicit", None, None, param_count(explicit),
-                                                              logits=explicit)))
+    rows.append(cache.row("explicit", lambda: evaluate_rows(run, "explicit", None, [None], param_count(explicit),
+                                                            logits=explicit)[0]))
     table = {
         "task": config.task, "command": config.command, "device": device_name(run.device), "commit": run.commit,
         "seed": config.seed, "preset": config.preset,

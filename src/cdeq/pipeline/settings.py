@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "anchor_weight": 10.0,         # weight of L_anchor = d(h(z*, t), z*): ties the students' fixed point to the teacher's
     "hyper_steps": 1000, "direct_steps": 1000,
     "nfe": (1, 2, 4, 8),           # budgets of every method
-    "teacher_nfe": (16, 32),       # extra budgets of the teacher rows
+    "teacher_nfe": (12, 16, 32),   # extra budgets of the teacher rows (one solve gives them all)
     "extra_nfe": (12, 16),         # budgets past training for HyperDEQ, the students and cdeq+anderson
     "eval_batch_size": None,       # None: the task's batch size
     "eval_limit": None,            # test batches to evaluate (None: all)

@@ -124,20 +124,33 @@ class RowCache:
 
     def row(self, name: str, compute: Callable[[], Any]) -> Any:
         """Row ``name`` from its file, or ``compute()`` it and write it (the main rank) first."""
-        path = self.dir / f"{name}.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                distributed.print0(f"[evaluate] {path.name} does not parse; computing the row again", flush=True)
-        value = compute()
+        return self.group([name], lambda: [compute()])[0]
+
+    def group(self, names: list[str], compute: Callable[[], list[Any]]) -> list[Any]:
+        """Rows ``names`` from their files, or all of them from one ``compute()`` (written by the main
+        rank) when any is missing or does not parse."""
+        found = [self._read(self.dir / f"{name}.json") for name in names]
+        if all(value is not None for value in found):
+            return found
+        values = compute()
         if distributed.is_main():
             if not self.dir.is_dir():
                 self.dir.mkdir(parents=True)
                 atomic_write_json(self.dir / "settings.json", self.payload)
-            atomic_write_json(path, value)
+            for name, value in zip(names, values):
+                atomic_write_json(self.dir / f"{name}.json", value)
         distributed.barrier()
-        return value
+        return values
+
+    @staticmethod
+    def _read(path: Path) -> Any:
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            distributed.print0(f"[evaluate] {path.name} does not parse; computing the row again", flush=True)
+            return None
 
 
 def _line(summary: dict[str, Any]) -> str:

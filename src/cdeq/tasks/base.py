@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,18 +112,33 @@ class Task:
         ``predict``'s output into (targets, hits, summed NLL); ``options`` go to :meth:`batches`. With several ranks
         each evaluates every world-th batch and the counts, hits and summed NLL are added over ranks
         (not a mean of means), so the figure is the one-process figure."""
-        total, hits, nll = 0, 0, 0.0
+        return self.evaluate_each(lambda x: [predict(x)], 1, split, batch_size, limit, score, **options)[0]
+
+    def evaluate_each(self, predict: Callable[[Any], Sequence[Any]], count: int, split: str = "test",
+                      batch_size: Optional[int] = None, limit: Optional[int] = None,
+                      score: Optional[Callable[[Any, Tensor], tuple[int, int, float]]] = None,
+                      **options: Any) -> list[float]:
+        """:meth:`evaluate` of ``count`` outputs per batch in one pass over ``split``: ``predict(x)``
+        returns a sequence of them (e.g. one state per budget of a solve), each scored on its own;
+        returns their metrics in order."""
+        sums = [[0, 0, 0.0] for _ in range(count)]
         r, w = distributed.rank(), distributed.world_size()
         with torch.no_grad():
             for i, (x, y) in enumerate(self.batches(split, batch_size=batch_size, limit=limit, **options)):
-                if i % w == r:
-                    count, right, loss = (score or self.score)(predict(x), y)
-                    total, hits, nll = total + count, hits + right, nll + loss
-        total, hits, nll = distributed.sum_all([total, hits, nll])
-        if total == 0:
+                if i % w != r:
+                    continue
+                outputs = predict(x)
+                if len(outputs) != count:
+                    raise ValueError(f"predict: expected {count} outputs per batch, got {len(outputs)}")
+                for acc, out in zip(sums, outputs):
+                    for j, v in enumerate((score or self.score)(out, y)):
+                        acc[j] += v
+        flat = distributed.sum_all([v for acc in sums for v in acc])
+        totals = [flat[3 * i:3 * i + 3] for i in range(count)]
+        if any(total == 0 for total, _, _ in totals):
             raise ValueError(f"split: {split!r} has no labelled targets")
-        self.last_targets = int(total)
-        return hits / total if self.metric == "accuracy" else math.exp(nll / total)
+        self.last_targets = int(totals[0][0])
+        return [hits / total if self.metric == "accuracy" else math.exp(nll / total) for total, hits, nll in totals]
 
     def score(self, output: Tensor, y: Tensor) -> tuple[int, int, float]:
         """One batch's (labelled targets, correct answers, summed NLL) from ``predict``'s logits."""
