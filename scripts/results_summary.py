@@ -131,7 +131,7 @@ def best_of_line(runs: list[tuple], nfes: list[int], scale: float, sign: float) 
             beyond.append(str(k))
     verdict = ("no NFE where an older method wins beyond the seeds' spread" if not beyond
                else f"an older method wins beyond the seeds' spread at NFE {', '.join(beyond)}")
-    return (f"- better of cdeq / cdeq+anderson − better of teacher-anderson / hyperdeq (NFE " + " / ".join(map(str, nfes))
+    return ("- better of cdeq / cdeq+anderson − better of teacher-anderson / hyperdeq (NFE " + " / ".join(map(str, nfes))
             + "): " + " / ".join(cells) + f"; {verdict}")
 
 
