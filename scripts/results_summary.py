@@ -80,7 +80,7 @@ def main_run(path: Path) -> None:
     for variant in VARIANTS:
         other = path.parent.parent / (path.parent.name + variant) / "table.json"
         if other.exists():
-            variant_lines(other, value)
+            variant_lines(other, value, t["teacher_converged"])
     for suffix, what in SEED_RUNS.items():
         seeds = sorted(path.parent.parent.glob(f"{path.parent.name}{suffix}[0-9]*/table.json"))
         if seeds:
@@ -172,13 +172,18 @@ def target_line(t: dict, value: dict, nfes: list[int]) -> str:
     return "Targets, C-DEQ against " + " · ".join(parts) + "."
 
 
-def variant_lines(path: Path, main_value: dict) -> None:
+def variant_lines(path: Path, main_value: dict, main_teacher: dict) -> None:
+    """One line per method of a variant run that differs from the main run; a variant trained on
+    another teacher than the main run's says so (its figures then compare with neither table)."""
     t, value, fmt, nfes = load(path)
+    other = (" — on an earlier teacher than the main run's (converged " f"{fmt(t['teacher_converged']['value'])} vs "
+             f"{fmt(main_teacher['value'])}); its main run is in the git history"
+             if t["teacher_converged"] != main_teacher else "")
     print(f"- {header(t, path.parent.name, fmt, value)}: "
           + "; ".join(f"{m} " + " / ".join(fmt(value[(m, k)]) for k in nfes)
                       for m in ("hyperdeq", "direct", "cdeq-plain", "cdeq")
                       if any(value.get((m, k)) != main_value.get((m, k)) for k in nfes)) + " (NFE "
-          + " / ".join(str(k) for k in nfes) + ")")
+          + " / ".join(str(k) for k in nfes) + ")" + other)
 
 
 def main_runs() -> list[Path]:
