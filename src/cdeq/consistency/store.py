@@ -60,8 +60,9 @@ def dtype_bytes(dtype: Any) -> int:
 def kept_states(store: str, steps: int, keep: Optional[int]) -> int:
     """States stored per item: K + 1 (full), keep + 2 (subset: z_0, z_K and keep more), 1 (target:
     z_K alone), 0 (online)."""
-    if store not in STORES + CACHE_KINDS:
-        raise ValueError(f"store: expected one of {STORES + CACHE_KINDS[-1:]}, got {store!r}")
+    known = (*STORES, "target")
+    if store not in known:
+        raise ValueError(f"store: expected one of {known}, got {store!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1 (teacher solver steps K), got {steps!r}")
     if store == "subset":
