@@ -113,6 +113,21 @@ def test_a_target_store_holds_z_K_alone_and_refuses_other_steps(toy, tmp_path):
         _sample(teacher, batches[:1], store="target", keep=2)
 
 
+@pytest.mark.parametrize("store, keep", [("target", None), ("subset", 1)])
+def test_sampling_keeps_only_the_steps_the_store_keeps(store, keep, tmp_path, monkeypatch):
+    """A target or subset store asks the solver for the stored steps alone, not every iterate."""
+    import cdeq
+
+    asked, solve = [], cdeq.solve
+    monkeypatch.setattr(cdeq, "solve", lambda *a, **kw: (asked.append(kw.get("return_states")), solve(*a, **kw))[1])
+    teacher = ToyDEQ()
+    batches = toy_batches(teacher, n=4, batch=4)
+    stored = _sample(teacher, batches, store=store, keep=keep, cache_dir=tmp_path)
+    kept = sorted(set(stored.kept_steps(0).flatten().tolist()))
+    assert kept in asked and "all" not in asked and len(kept) < K + 1
+    assert store == "subset" or kept == [K]
+
+
 def test_a_full_cache_written_before_stores_existed_still_opens_and_is_reused(toy, tmp_path):
     teacher, batches = toy[0], toy[1]
     _sample(teacher, batches, cache_dir=tmp_path)

@@ -766,15 +766,27 @@ def subset_steps(seed: int, item: int, steps: int, keep: int) -> Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long), middle, torch.full((1,), steps, dtype=torch.long)])
 
 
-def _state_tensors(states: list, layout: StateLayout, kept: Optional[Tensor],
+def _kept_steps(settings: dict, batch_size: int, first_item: int) -> Optional[Tensor]:
+    """The steps a subset or target store keeps of each item, ``(B, kept)``; None for a full store."""
+    steps = settings["steps"]
+    if settings["store"] == "subset":
+        return torch.stack([subset_steps(settings["seed"], first_item + r, steps, settings["keep"])
+                            for r in range(batch_size)])
+    if settings["store"] == "target":
+        return torch.full((batch_size, 1), steps, dtype=torch.long)
+    return None
+
+
+def _state_tensors(states: list, layout: StateLayout, positions: Optional[Tensor],
                    store_dtype: Optional[torch.dtype]) -> dict[str, Tensor]:
-    """The stored states ``z.i``: ``(B, K+1, ...)`` per part, or ``(B, keep+2, ...)`` of the kept steps."""
+    """The stored states ``z.i``: ``(B, K+1, ...)`` per part, or ``(B, kept, ...)`` picked per item
+    from ``states`` at ``positions`` (the solve keeps only the steps some item of the batch keeps)."""
     tensors: dict[str, Tensor] = {}
     for i in range(len(layout.shapes)):
-        stacked = torch.stack([as_tuple(s)[i] for s in states], dim=1)  # (B, K+1, ...)
-        if kept is not None:
+        stacked = torch.stack([as_tuple(s)[i] for s in states], dim=1)  # (B, len(states), ...)
+        if positions is not None:
             rows = torch.arange(layout.batch_size, device=stacked.device).unsqueeze(1)
-            stacked = stacked[rows, kept.to(stacked.device)]
+            stacked = stacked[rows, positions.to(stacked.device)]
         tensors[f"z.{i}"] = stacked.to(store_dtype or stacked.dtype).cpu().contiguous()
     return tensors
 
@@ -795,17 +807,15 @@ def _write_shard(model: nn.Module, x: Any, y: Optional[Tensor], index: int, path
         if settings["z0"] == "gaussian":
             z0 = map_state(lambda p: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device), z0)
         layout = StateLayout(z0, "teacher.init_state(u)")
+        kept = _kept_steps(settings, layout.batch_size, first_item)
+        wanted = "all" if kept is None else sorted(set(kept.flatten().tolist()))
         with amp_layers(model, settings["amp"]):
             _, info = solve(lambda z: model.layer(z, u), z0, solver=settings["solver"], max_iter=steps, tol=0.0,
-                            return_states="all", trace=True, **settings["solver_options"])
+                            return_states=wanted, trace=True, **settings["solver_options"])
     B = layout.batch_size
     residual = torch.cat([info.trace, info.rel_residual.unsqueeze(0)], dim=0).t().float().cpu()
-    kept = None
-    if settings["store"] == "subset":
-        kept = torch.stack([subset_steps(seed, first_item + r, steps, settings["keep"]) for r in range(B)])
-    elif settings["store"] == "target":
-        kept = torch.full((B, 1), steps, dtype=torch.long)
-    tensors = _state_tensors(info.states, layout, kept, store_dtype)
+    positions = None if kept is None else torch.searchsorted(torch.tensor(wanted), kept)
+    tensors = _state_tensors(info.states, layout, positions, store_dtype)
     _check_finite_states(tensors, residual, index, kept)
     x_parts = len(x) if isinstance(x, (tuple, list)) else 0
     if x_parts:
