@@ -55,8 +55,7 @@ def unrolled_solve(
     for k in range(1, max_iter + 1):
         fz = step(z)
         with torch.no_grad():
-            abs_r = vector_norm(fz - z)
-            rel_r = abs_r / vector_norm(fz).clamp_min(_TINY)
+            abs_r, rel_r = _residuals(fz, z)
             rel_trace.append(rel_r)
             met = (rel_r if stop_mode == "rel" else abs_r) <= tol
             steps = torch.where(met & (steps == max_iter), torch.full_like(steps, k), steps)
@@ -66,23 +65,23 @@ def unrolled_solve(
             break
     nfe = len(iterates) - 1
     with torch.no_grad():
-        fz = f_flat(z)
-        abs_r = vector_norm(fz - z)
-        rel_r = abs_r / vector_norm(fz).clamp_min(_TINY)
+        abs_r, rel_r = _residuals(f_flat(z), z)
     residual = rel_r if stop_mode == "rel" else abs_r
-    if return_states is None:
-        states = None
-    else:
-        picks = range(nfe + 1) if return_states == "all" else return_states
-        states = [layout.unflatten(iterates[min(k, nfe)]) for k in picks]
-    info = SolverInfo(
-        nfe=nfe,
-        abs_residual=abs_r,
-        rel_residual=rel_r,
-        converged=residual <= tol,
-        steps=steps.clamp_max(nfe),
-        diverged=~torch.isfinite(abs_r),
-        trace=torch.stack(rel_trace) if trace and rel_trace else None,
-        states=states,
-    )
+    states = None if return_states is None else _picked(layout, iterates, return_states)
+    info = SolverInfo(nfe=nfe, abs_residual=abs_r, rel_residual=rel_r, converged=residual <= tol,
+                      steps=steps.clamp_max(nfe), diverged=~torch.isfinite(abs_r),
+                      trace=torch.stack(rel_trace) if trace and rel_trace else None, states=states)
     return layout.unflatten(z), info
+
+
+def _residuals(fz: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample ||f(z) - z|| and ||f(z) - z|| / ||f(z)||."""
+    abs_r = vector_norm(fz - z)
+    return abs_r, abs_r / vector_norm(fz).clamp_min(_TINY)
+
+
+def _picked(layout: StateLayout, iterates: list[Tensor], return_states: Union[str, Sequence[int]]) -> list[State]:
+    """The iterates ``return_states`` asks for ("all" or indices; one past the last step gives the last)."""
+    nfe = len(iterates) - 1
+    picks = range(nfe + 1) if return_states == "all" else return_states
+    return [layout.unflatten(iterates[min(k, nfe)]) for k in picks]

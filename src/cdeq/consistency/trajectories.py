@@ -440,22 +440,10 @@ class Storage:
     amp: Optional[str] = None
 
 
-def sample_trajectories(
-    teacher: nn.Module,
-    inputs: Iterable[Any],
-    *,
-    steps: int,
-    solver: str = "anderson",
-    solver_options: Optional[dict] = None,
-    z0: str = "zeros",
-    p_aug: float = 0.0,
-    k_min: int = 1,
-    k_tail: int = 2,
-    cache_dir: Optional[str | Path] = None,
-    seed: int = 0,
-    storage: Optional[Storage] = None,
-    items: Optional[int] = None,
-) -> Trajectories:
+def sample_trajectories(teacher: nn.Module, inputs: Iterable[Any], *, steps: int, solver: str = "anderson",
+                        solver_options: Optional[dict] = None, z0: str = "zeros", p_aug: float = 0.0, k_min: int = 1,
+                        k_tail: int = 2, cache_dir: Optional[str | Path] = None, seed: int = 0,
+                        storage: Optional[Storage] = None, items: Optional[int] = None) -> Trajectories:
     """Run the teacher's solver for ``steps`` = K steps per input batch and cache z_0..z_K (Alg. 4).
 
     Args:
@@ -483,22 +471,18 @@ def sample_trajectories(
     storage = Storage() if storage is None else storage
     if not isinstance(storage, Storage):
         raise TypeError(f"storage: expected a Storage, got {type(storage).__name__}")
-    store, keep, dtype, amp = storage.kind, storage.keep, storage.dtype, storage.amp
-    _check_sampling_args(steps, z0, p_aug, k_min, k_tail, dtype)
-    _check_store(store, steps, keep)
+    _check_sampling_args(steps, z0, p_aug, k_min, k_tail, storage.dtype)
+    _check_store(storage.kind, steps, storage.keep)
     if items is not None:
         check_int("items", items, 1)
     _warn_if_shuffled(inputs)
-    solver_options = dict(solver_options or {})
     root, tmp = _cache_root(cache_dir)
-    settings = {"format": FORMAT_VERSION if store == "full" else SUBSET_FORMAT,
-                "teacher_hash": module_hash(teacher), "solver": solver,
-                "solver_options": json.loads(json.dumps(solver_options)), "steps": steps, "z0": z0,
-                "p_aug": float(p_aug), "k_min": k_min, "k_tail": k_tail, "dtype": _dtype_name(dtype), "seed": seed,
-                "time_map": "state k = teacher iterate after k calls of f; t_k by the student's Eq. 6",
-                "store": store, "keep": keep,
-                "amp": check_amp(amp, next((p.device for p in teacher.parameters()), torch.device("cpu")))}
-    store_dtype = STORAGE_DTYPES[dtype] if (dtype is None or isinstance(dtype, str)) else dtype
+    settings = {"teacher_hash": module_hash(teacher), "solver": solver,
+                "solver_options": json.loads(json.dumps(dict(solver_options or {}))), "steps": steps, "z0": z0,
+                "p_aug": float(p_aug), "k_min": k_min, "k_tail": k_tail, "seed": seed,
+                **_storage_settings(storage, teacher)}
+    store_dtype = STORAGE_DTYPES[storage.dtype] if (storage.dtype is None or isinstance(storage.dtype, str)) \
+        else storage.dtype
     sampling = _Sampling(teacher, root, settings, _resumable_meta(root, settings), store_dtype,
                          _planned_items(inputs) if items is None else items)
     for index, batch in enumerate(inputs):
@@ -506,6 +490,14 @@ def sample_trajectories(
     traj = Trajectories(root, sampling.finish(), tmp)
     traj._verified.update(range(traj.num_shards))  # each shard was just written or checked
     return traj
+
+
+def _storage_settings(storage: Storage, teacher: nn.Module) -> dict:
+    """The cache key's part set by ``storage``: the format, what is kept, in which dtype, under which autocast."""
+    device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+    return {"format": FORMAT_VERSION if storage.kind == "full" else SUBSET_FORMAT, "dtype": _dtype_name(storage.dtype),
+            "time_map": "state k = teacher iterate after k calls of f; t_k by the student's Eq. 6",
+            "store": storage.kind, "keep": storage.keep, "amp": check_amp(storage.amp, device)}
 
 
 def _check_store(store: str, steps: int, keep: Optional[int]) -> None:

@@ -213,23 +213,30 @@ def solve(f: Callable[[State], State], z0: State, *, solver: str = "anderson", m
         f_flat = _CountedF(f, layout, f_autocast)
         z, info = fn(f_flat, z0_flat, max_iter=max_iter, tol=float(tol), stop_mode=stop_mode,
                      return_states=return_states, trace=trace, **options)
-        info.nfe = f_flat.calls
-        B = layout.batch_size
-        if info.steps is None:
-            info.steps = torch.full((B,), info.nfe, dtype=torch.long, device=z.device)
-        if info.diverged is None:
-            info.diverged = torch.zeros(B, dtype=torch.bool, device=z.device)
+        _fill_counts(info, f_flat.calls, z)
         if check_residual:
             _check_returned(f_flat(z), z, info, solver, float(tol), stop_mode, host_checks)
         if info.states is not None:
             info.states = [layout.unflatten(s) for s in info.states]
         if host_checks and bool(info.diverged.any()):
-            bad = torch.nonzero(info.diverged).flatten().tolist()
-            warnings.warn(
-                f"cdeq.solve(solver={solver!r}): sample(s) {bad} diverged (non-finite iterate, or residual "
-                f"> {DIVERGENCE_RATIO:g}x its initial value); they are frozen at their last finite iterate",
-                RuntimeWarning, stacklevel=2)
+            _warn_diverged(info.diverged, solver)
     return layout.unflatten(z), info
+
+
+def _fill_counts(info: SolverInfo, calls: int, z: Tensor) -> None:
+    """``info.nfe`` from the counted calls; ``steps`` and ``diverged`` where the solver left them unset."""
+    info.nfe = calls
+    if info.steps is None:
+        info.steps = torch.full((z.shape[0],), calls, dtype=torch.long, device=z.device)
+    if info.diverged is None:
+        info.diverged = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+
+
+def _warn_diverged(diverged: Tensor, solver: str) -> None:
+    bad = torch.nonzero(diverged).flatten().tolist()
+    warnings.warn(f"cdeq.solve(solver={solver!r}): sample(s) {bad} diverged (non-finite iterate, or residual "
+                  f"> {DIVERGENCE_RATIO:g}x its initial value); they are frozen at their last finite iterate",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _flat_history(history: Sequence, layout: StateLayout) -> list[tuple[Tensor, Tensor]]:
