@@ -98,6 +98,8 @@ def test_model_families_export_and_match_eager(name):
     x = example()
     student = ConsistencyDEQ(make().eval(), example=x).eval()
     module = student.as_module(nfe=3)
+    assert not module.training and student.train().as_module(nfe=3).training
+    student.eval()
     eager = module(x)
     torch.testing.assert_close(torch.export.export(module, (x,)).module()(x), eager, rtol=1e-5, atol=1e-5)
     if not onnx or importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:

@@ -35,6 +35,7 @@ class FixedBudgetStudent(nn.Module):
         self.student = student
         self.plan = student._plan(nfe, schedule)
         self.nfe, self.readout = nfe, readout
+        self.training = student.training  # the wrapper's own flag, which export reads, follows the student's mode
 
     def extra_repr(self) -> str:
         return f"nfe={self.nfe}, readout={self.readout}"

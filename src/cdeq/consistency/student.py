@@ -544,7 +544,8 @@ class ConsistencyDEQ(nn.Module):
                   readout: bool = True) -> nn.Module:
         """A plain ``nn.Module`` x -> :meth:`predict` (or the state, ``readout=False``) with exactly
         ``nfe`` network calls, which ``torch.export.export`` and ``torch.onnx.export`` accept
-        (:class:`~cdeq.consistency.export.FixedBudgetStudent`; it shares this student's parameters)."""
+        (:class:`~cdeq.consistency.export.FixedBudgetStudent`; it shares this student's parameters
+        and starts in its mode: call ``student.eval()`` first to deploy)."""
         from cdeq.consistency.export import FixedBudgetStudent
 
         return FixedBudgetStudent(self, nfe, schedule, readout=readout)
