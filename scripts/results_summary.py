@@ -91,8 +91,9 @@ def main_run(path: Path) -> None:
 def seed_line(paths: list[Path], nfes: list[int], what: str) -> None:
     """Mean and standard deviation over the main run and its repeats with other seeds (``what``
     says what they share), and of C-DEQ's margin over HyperDEQ and the plain ablation (positive =
-    C-DEQ better)."""
+    C-DEQ better), at the NFE that every run has."""
     runs = [load(p) for p in paths]
+    nfes = [k for k in nfes if all((m, k) in r[1] for r in runs for m in ("hyperdeq", "cdeq-plain", "cdeq"))]
     acc = runs[0][0]["metric"] == "accuracy"
     scale, sign = (100.0, 1.0) if acc else (1.0, -1.0)
     seeds = ", ".join(str(r[0]["seed"]) for r in runs)
