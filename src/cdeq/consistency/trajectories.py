@@ -481,8 +481,7 @@ def sample_trajectories(teacher: nn.Module, inputs: Iterable[Any], *, steps: int
                 "solver_options": json.loads(json.dumps(dict(solver_options or {}))), "steps": steps, "z0": z0,
                 "p_aug": float(p_aug), "k_min": k_min, "k_tail": k_tail, "seed": seed,
                 **_storage_settings(storage, teacher)}
-    store_dtype = STORAGE_DTYPES[storage.dtype] if (storage.dtype is None or isinstance(storage.dtype, str)) \
-        else storage.dtype
+    store_dtype = storage.dtype if isinstance(storage.dtype, torch.dtype) else STORAGE_DTYPES[storage.dtype]
     sampling = _Sampling(teacher, root, settings, _resumable_meta(root, settings), store_dtype,
                          _planned_items(inputs) if items is None else items)
     for index, batch in enumerate(inputs):
