@@ -2,6 +2,8 @@
 budget of ConsistencyDEQ.infer(tol=...), on the toy DEQ of conftest."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -130,3 +132,59 @@ def test_a_prefix_method_gives_every_budget_from_one_solve(solver):
                 assert torch.allclose(z, method.state(x, k), rtol=1e-5, atol=1e-6), (type(method).__name__, k)
             # budget 1 alone takes a shortcut; with a larger budget it is the solve's first kept iterate
             assert torch.allclose(method.states(x, [1])[0], method.states(x, [1, 2])[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_teacher(distilled):
+    """A copy of the distilled student's teacher with a DEQ, so warm starts set on it stay in the test."""
+    student, _ = distilled
+    return copy.deepcopy(student.teacher).set_deq(cdeq.DEQ(f_max_iter=60, f_tol=1e-5))
+
+
+def test_a_model_with_a_warm_start_solves_from_the_students_estimate(distilled, fresh_teacher):
+    student, x = distilled
+    model = fresh_teacher
+    n_params, keys = len(list(model.parameters())), set(model.state_dict())
+    _, cold = model.equilibrium(x)
+    model.set_warm_start(student, nfe=1)
+    z0, _ = model.equilibrium(x, max_iter=0)
+    torch.testing.assert_close(z0, student.infer(x, nfe=1), rtol=0, atol=0)
+    z, warm = model.equilibrium(x)
+    assert bool(warm.converged.all()) and warm.steps.float().mean() < cold.steps.float().mean()
+    assert len(list(model.parameters())) == n_params and set(model.state_dict()) == keys
+    model.set_warm_start(None)
+    z_cold, again = model.equilibrium(x)
+    assert torch.equal(again.steps, cold.steps)
+    torch.testing.assert_close(z, z_cold, rtol=0, atol=1e-4)
+
+
+def test_training_from_a_warm_start_gets_the_implicit_gradient_of_the_same_equilibrium(distilled, fresh_teacher):
+    """The implicit backward depends on z* alone: starting the solve elsewhere must not change it."""
+    student, x = distilled
+    model = fresh_teacher.set_deq(cdeq.DEQ(f_max_iter=100, f_tol=1e-9, b_tol=1e-9, b_max_iter=100))
+
+    def grads():
+        model.zero_grad()
+        logits, _ = model(x)
+        logits.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    model.requires_grad_(True)  # the distilled student froze its teacher, whose copy this is
+    student.zero_grad(set_to_none=True)
+    cold = grads()
+    model.set_warm_start(student, nfe=2)
+    warm = grads()
+    assert all(p.grad is None for p in student.parameters())  # the estimate is a constant of the solve
+    for a, b in zip(cold, warm):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_set_warm_start_rejects_bad_arguments(distilled, fresh_teacher):
+    student, x = distilled
+    with pytest.raises(TypeError, match="estimator must have a state"):
+        fresh_teacher.set_warm_start(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="nfe must be an int >= 1, got 0"):
+        fresh_teacher.set_warm_start(student, nfe=0)
+    narrow = ToyDEQ(d=16).set_deq(cdeq.DEQ()).set_warm_start(student)
+    with pytest.raises(ValueError, match=r"warm start's state\(x, 1\): expected shape \(128, 16\)"):
+        narrow.equilibrium(x)

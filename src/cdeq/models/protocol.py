@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cdeq.precision import autocast_layer
-from cdeq.state import State, map_state
+from cdeq.state import State, StateLayout, map_state
 
 
 class _DeclaresFeatureDim(type(nn.Module)):
@@ -78,18 +78,56 @@ class DEQModel(nn.Module, metaclass=_DeclaresFeatureDim):
         self.deq = deq
         return self
 
+    def set_warm_start(self, estimator: Optional[Any], nfe: int = 1) -> "DEQModel":
+        """Start every solve of :meth:`equilibrium` (and so :meth:`forward`) from
+        ``estimator.state(x, nfe)`` instead of :meth:`init_state`: a trained C-DEQ student (or
+        HyperDEQ) as the initialiser of a DEQ trained or fine-tuned afterwards. ``None`` removes it.
+
+        The estimate is computed without gradients (z0 is a constant of the solve); its ``nfe``
+        network calls come on top of the solve's ``info.nfe``. The estimator is put in eval mode and
+        is not a submodule: the model's ``parameters()``, ``state_dict()`` and ``to()`` leave it alone.
+
+        Example:
+            >>> model.set_warm_start(student, nfe=1)     # doctest: +SKIP
+            >>> logits, info = model(x)                  # the solve starts at student.state(x, 1)
+        """
+        if estimator is None:
+            self.__dict__.pop("_warm_start", None)
+            return self
+        if not callable(getattr(estimator, "state", None)):
+            raise TypeError(f"set_warm_start: estimator must have a state(x, nfe) method (a ConsistencyDEQ or "
+                            f"HyperDEQ), got {type(estimator).__name__}")
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"set_warm_start: nfe must be an int >= 1, got {nfe!r}")
+        if isinstance(estimator, nn.Module):
+            estimator.eval()
+        self.__dict__["_warm_start"] = (estimator, nfe)  # not registered: the estimator is no parameter of this model
+        return self
+
     def forward(self, x: Any, **deq_kwargs: Any):
         """Solve z* = layer(z*, inject(x)) with ``self.deq`` and return ``(readout(z*), info)``."""
         z, info = self.equilibrium(x, **deq_kwargs)
         return self.readout(z), info
 
     def equilibrium(self, x: Any, **deq_kwargs: Any):
-        """``(z*, info)``: the fixed point of ``layer(., inject(x))`` found by ``self.deq``."""
+        """``(z*, info)``: the fixed point of ``layer(., inject(x))`` found by ``self.deq``, started
+        from :meth:`init_state` or from the warm start set by :meth:`set_warm_start`."""
         from cdeq.norm import reset_norm
 
         reset_norm(self)
         u = self.inject(x)
-        return self.deq(lambda z: self.layer(z, u), self.init_state(u), **deq_kwargs)
+        return self.deq(lambda z: self.layer(z, u), self._start(x, u), **deq_kwargs)
+
+    def _start(self, x: Any, u: Any) -> State:
+        """The solve's z0: :meth:`init_state`, or the warm start's estimate in the same layout."""
+        z0 = self.init_state(u)
+        if "_warm_start" not in self.__dict__:
+            return z0
+        estimator, nfe = self.__dict__["_warm_start"]
+        with torch.no_grad():
+            z = estimator.state(x, nfe)
+        StateLayout(z0, "init_state(u)").check(z, f"the warm start's state(x, {nfe})")
+        return z
 
     def truncated_solve(self, x: Any, nfe: Optional[int] = None, solver: str = "anderson",
                         check_residual: bool = True, *, k: Optional[int] = None, **options: Any):
