@@ -65,7 +65,10 @@ class _SparseMatmul(torch.autograd.Function):
 
 class SparseAdjacency(nn.Module):
     """A graph's normalised adjacency as CSR buffers (kept out of the state dict: the graph is
-    data, rebuilt by whoever builds the model); calling it on ``(N, d)`` features returns ``A x``."""
+    data, rebuilt by whoever builds the model); calling it on ``(N, d)`` features returns ``A x``.
+
+    Under ``torch.export`` the product is a gather and a scatter-add over the edge list instead:
+    ONNX has no sparse tensors, so a CSR buffer cannot be serialised into an ONNX graph."""
 
     def __init__(self, edge_index: Tensor, num_nodes: int) -> None:
         super().__init__()
@@ -74,6 +77,8 @@ class SparseAdjacency(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             self.register_buffer("adj", adj.to_sparse_csr(), persistent=False)
             self.register_buffer("adj_t", adj.t().coalesce().to_sparse_csr(), persistent=False)
+        # not buffers: the edge list repeats adj, and a new buffer would change every cached stage's key
+        self.export_edges = (adj.indices().clone(), adj.values().clone())
         self.num_nodes = num_nodes
         self.pf = perron_frobenius(adj)
 
@@ -95,7 +100,11 @@ class SparseAdjacency(nn.Module):
         """``A x`` in the adjacency's dtype, outside autocast (no bf16 sparse kernels on CPU), so a
         layer under ``amp`` (:mod:`cdeq.precision`) keeps its dense products alone in bf16."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _SparseMatmul.apply(self.adj, self.adj_t, x.to(self.adj.dtype))
+            x = x.to(self.adj.dtype)
+            if torch.compiler.is_exporting():
+                (rows, cols), weight = (t.to(x.device) for t in self.export_edges)
+                return torch.zeros_like(x).index_add(0, rows, x[cols] * weight.unsqueeze(1))
+            return _SparseMatmul.apply(self.adj, self.adj_t, x)
 
 
 def perron_frobenius(adj: Tensor, iters: int = 200, tol: float = 1e-7) -> float:
