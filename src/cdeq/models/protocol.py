@@ -104,12 +104,12 @@ class DEQModel(nn.Module, metaclass=_DeclaresFeatureDim):
         self.__dict__["_warm_start"] = (estimator, nfe)  # not registered: the estimator is no parameter of this model
         return self
 
-    def forward(self, x: Any, **deq_kwargs: Any):
+    def forward(self, x: Any, **deq_kwargs: Any) -> tuple[Tensor, Any]:
         """Solve z* = layer(z*, inject(x)) with ``self.deq`` and return ``(readout(z*), info)``."""
         z, info = self.equilibrium(x, **deq_kwargs)
         return self.readout(z), info
 
-    def equilibrium(self, x: Any, **deq_kwargs: Any):
+    def equilibrium(self, x: Any, **deq_kwargs: Any) -> tuple[State, Any]:
         """``(z*, info)``: the fixed point of ``layer(., inject(x))`` found by ``self.deq``, started
         from :meth:`init_state` or from the warm start set by :meth:`set_warm_start`."""
         from cdeq.norm import reset_norm
@@ -130,7 +130,7 @@ class DEQModel(nn.Module, metaclass=_DeclaresFeatureDim):
         return z
 
     def truncated_solve(self, x: Any, nfe: Optional[int] = None, solver: str = "anderson",
-                        check_residual: bool = True, *, k: Optional[int] = None, **options: Any):
+                        check_residual: bool = True, *, k: Optional[int] = None, **options: Any) -> tuple[State, Any]:
         """The solver's iterate after ``nfe`` calls of the layer from ``init_state``, no tolerance
         (the "DEQ" rows of the C-DEQ paper's tables). Returns ``(z, info)``; ``options`` go to
         :func:`cdeq.solve` (e.g. ``m`` for Anderson). ``k=`` is the old name of ``nfe``

@@ -20,7 +20,8 @@ from cdeq.state import batch_items, to_device
 from cdeq.training import BEST, CHECKPOINT, METRICS
 
 if TYPE_CHECKING:
-    from cdeq.consistency import OnlineTeacher, Storage
+    from cdeq.baselines import HyperDEQ
+    from cdeq.consistency import ConsistencyDEQ, OnlineTeacher, Storage, Trajectories
     from cdeq.consistency.losses import StateLoss
 
 
@@ -274,7 +275,7 @@ class Run:
         return RowCache(self.run_dir, {"stages": made, **{k: self.s[k] for k in reads}})
 
     # -- shared artefacts -------------------------------------------------------------------------
-    def teacher(self):
+    def teacher(self) -> torch.nn.Module:
         if self._teacher is None:
             self._teacher = self.task.load_teacher(self.teacher_stage.dir, device=str(self.device))
             self._teacher.requires_grad_(False)
@@ -292,7 +293,7 @@ class Run:
         model.load_state_dict(state)
         return model.to(self.device).eval()
 
-    def trajectories(self):
+    def trajectories(self) -> "Trajectories":
         from cdeq.consistency.sharded import open_trajectories
 
         if self._trajectories is None:
@@ -389,7 +390,8 @@ class Run:
             return {"items": len(traj), "K": traj.steps, "final_rel_residual": final}
         return self.traj_stage.run(fn)
 
-    def distill(self, structure: str, name: Optional[str] = None, **changes: Any):
+    def distill(self, structure: str, name: Optional[str] = None,
+                **changes: Any) -> tuple["ConsistencyDEQ", dict[str, Any]]:
         """Distil a C-DEQ student (``structure`` "anderson" or "plain"); returns (student, summary).
         ``changes`` override settings of this student alone (an ablation's grid point)."""
         from cdeq.consistency import ConsistencyDEQ, distill, equilibrium_error
@@ -413,7 +415,7 @@ class Run:
         student.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])
         return student.eval(), summary
 
-    def train_hyperdeq(self):
+    def train_hyperdeq(self) -> tuple["HyperDEQ", dict[str, Any]]:
         from cdeq.baselines import HyperDEQ, train_hyperdeq
         from cdeq.consistency import HyperDEQConfig
 
@@ -433,7 +435,7 @@ class Run:
         hyper.load_state_dict(load_checkpoint(stage.dir / "model.pt", map_location=self.device)["model"])
         return hyper.eval(), summary
 
-    def train_direct(self, nfe: int):
+    def train_direct(self, nfe: int) -> tuple["ConsistencyDEQ", dict[str, Any]]:
         from cdeq.baselines import train_direct
         from cdeq.consistency import ConsistencyDEQ, DirectConfig
 

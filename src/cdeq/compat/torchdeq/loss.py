@@ -8,7 +8,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 from torch import Tensor
 
@@ -36,7 +36,7 @@ def register_weight_func(name: str, func: Callable[..., float]) -> None:
 
 
 def fp_correction(crit: Callable[..., Tensor], args: Sequence[Any], weight_func: str = "exp",
-                  return_loss_values: bool = False, **kwargs: Any):
+                  return_loss_values: bool = False, **kwargs: Any) -> Union[Tensor, tuple[Tensor, list[float]]]:
     """sum_k w(n, k) crit(args[0][k], args[1][k], ...), each argument a list of n entries or one
     value used for every k; ``weight_func`` "exp" (gamma^(n-k-1), Eq. 19, ``gamma`` 0.8), "linear",
     "const" or a registered one."""
