@@ -53,6 +53,7 @@ def runners(module: torch.nn.Module, x: torch.Tensor, threads: int) -> dict[str,
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: its constant-folding notes drown the table
     session = ort.InferenceSession(onnx.model_proto.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
