@@ -183,7 +183,7 @@ def test_set_warm_start_rejects_bad_arguments(distilled, fresh_teacher):
     student, x = distilled
     with pytest.raises(TypeError, match="estimator must have a state"):
         fresh_teacher.set_warm_start(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="nfe must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="nfe: expected an integer >= 1, got 0"):
         fresh_teacher.set_warm_start(student, nfe=0)
     narrow = ToyDEQ(d=16).set_deq(cdeq.DEQ()).set_warm_start(student)
     with pytest.raises(ValueError, match=r"warm start's state\(x, 1\): expected shape \(128, 16\)"):

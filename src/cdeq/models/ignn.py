@@ -78,7 +78,7 @@ class SparseAdjacency(nn.Module):
             self.register_buffer("adj", adj.to_sparse_csr(), persistent=False)
             self.register_buffer("adj_t", adj.t().coalesce().to_sparse_csr(), persistent=False)
         # not buffers: the edge list repeats adj, and a new buffer would change every cached stage's key
-        self.export_edges = (adj.indices().clone(), adj.values().clone())
+        self.edge_list = (adj.indices().clone(), adj.values().clone())
         self.num_nodes = num_nodes
         self.pf = perron_frobenius(adj)
 
@@ -91,10 +91,8 @@ class SparseAdjacency(nn.Module):
         return new
 
     def indices(self) -> Tensor:
-        """``(2, nnz)`` (row, column) pairs of the nonzeros, self loops included."""
-        crow, col = self.adj.crow_indices(), self.adj.col_indices()
-        rows = torch.repeat_interleave(torch.arange(self.num_nodes, device=col.device), crow.diff())
-        return torch.stack([rows, col])
+        """``(2, nnz)`` (row, column) pairs of the nonzeros, self loops included, in row-major order."""
+        return self.edge_list[0].to(self.adj.device)
 
     def forward(self, x: Tensor) -> Tensor:
         """``A x`` in the adjacency's dtype, outside autocast (no bf16 sparse kernels on CPU), so a
@@ -102,7 +100,7 @@ class SparseAdjacency(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(self.adj.dtype)
             if torch.compiler.is_exporting():
-                (rows, cols), weight = (t.to(x.device) for t in self.export_edges)
+                (rows, cols), weight = (t.to(x.device) for t in self.edge_list)
                 return torch.zeros_like(x).index_add(0, rows, x[cols] * weight.unsqueeze(1))
             return _SparseMatmul.apply(self.adj, self.adj_t, x)
 

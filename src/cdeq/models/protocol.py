@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from cdeq.config import check_int
 from cdeq.precision import autocast_layer
 from cdeq.state import State, StateLayout, map_state
 
@@ -97,8 +98,7 @@ class DEQModel(nn.Module, metaclass=_DeclaresFeatureDim):
         if not callable(getattr(estimator, "state", None)):
             raise TypeError(f"set_warm_start: estimator must have a state(x, nfe) method (a ConsistencyDEQ or "
                             f"HyperDEQ), got {type(estimator).__name__}")
-        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-            raise ValueError(f"set_warm_start: nfe must be an int >= 1, got {nfe!r}")
+        check_int("nfe", nfe, 1)
         if isinstance(estimator, nn.Module):
             estimator.eval()
         self.__dict__["_warm_start"] = (estimator, nfe)  # not registered: the estimator is no parameter of this model
